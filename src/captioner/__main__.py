@@ -1,0 +1,3 @@
+from captioner.cli.main import main
+
+main()

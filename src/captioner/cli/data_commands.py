@@ -1,0 +1,146 @@
+"""prepare, vocab-sample, features and preview: the data side of the CLI."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import typer
+
+from captioner.cli.common import friendly_errors
+
+DATA_DIR_HELP = (
+    "dataset folder: a caption file (captions.txt, Flickr8k.token.txt, dataset_*.json, "
+    "captions_*.json) and an images folder"
+)
+
+
+@friendly_errors
+def prepare_cmd(
+    data_dir: Path = typer.Option(..., "--data-dir", help=DATA_DIR_HELP),
+    work_dir: Path = typer.Option(
+        Path("work/flickr8k"), "--work-dir", help="where prepared files go"
+    ),
+    num_words: int = typer.Option(5000, help="keep at most this many words (top-k; 0 = no limit)"),
+    min_count: int = typer.Option(5, help="drop words seen fewer times in training captions"),
+    test_size: float = typer.Option(0.1, help="test share for a random split (no official lists)"),
+    val_size: float = typer.Option(0.1, help="dev share for a random split"),
+    seed: int = typer.Option(0, help="seed of the random split"),
+    official_split: bool = typer.Option(
+        True, help="use the dataset's own split lists when present"
+    ),
+    force: bool = typer.Option(False, help="redo a work dir prepared with other settings"),
+) -> None:
+    """Read captions, split by image (saved), build the vocabulary (saved)."""
+    from captioner.data.prepare import PrepareSettings, prepare
+
+    settings = PrepareSettings(
+        num_words or None, min_count, test_size, val_size, seed, official_split
+    )
+    data = prepare(data_dir, work_dir, settings, force=force)
+    s = data.splits
+    typer.echo(f"{len(data.captions):,} images, {sum(map(len, data.captions.values())):,} captions")
+    typer.echo(
+        f"split ({s.settings.method}): train {len(s.train):,} / val {len(s.val):,} / "
+        f"test {len(s.test):,} images"
+    )
+    typer.echo(f"vocabulary: {len(data.vocab):,} tokens -> {work_dir / 'vocab.json'}")
+
+
+@friendly_errors
+def vocab_sample_cmd(
+    work_dir: Path = typer.Option(Path("work/flickr8k"), "--work-dir", help="prepared work dir"),
+    data_dir: Path | None = typer.Option(
+        None, "--data-dir", help="prepare from here first if needed"
+    ),
+    seed: int = typer.Option(0, help="which two captions to show"),
+) -> None:
+    """Build (or load) the vocabulary, save it, load it back, tokenize two captions."""
+    from captioner.data.prepare import PreparedData, prepare
+    from captioner.data.vocab import Vocabulary, tokenize
+
+    data = prepare(data_dir, work_dir) if data_dir else PreparedData.load(work_dir)
+    vocab = Vocabulary.load(work_dir / "vocab.json")  # the saved one, round-tripped
+    typer.echo(
+        f"vocabulary {work_dir / 'vocab.json'}: {len(vocab)} tokens; first 12: {vocab.itos[:12]}"
+    )
+    rng = random.Random(seed)
+    for name in rng.sample(data.splits.train, 2):
+        caption = rng.choice(data.captions[name])
+        ids = vocab.encode(caption)
+        typer.echo(
+            f"\n{name}\n  caption: {caption}\n  words:   {tokenize(caption)}\n"
+            f"  ids:     {ids}\n  tokens:  {[vocab.itos[i] for i in ids]}\n"
+            f"  decoded: {vocab.decode(ids)}"
+        )
+
+
+@friendly_errors
+def features_cmd(
+    work_dir: Path = typer.Option(Path("work/flickr8k"), "--work-dir", help="prepared work dir"),
+    data_dir: Path | None = typer.Option(
+        None, "--data-dir", help="prepare from here first if needed"
+    ),
+    encoder: str = typer.Option("efficientnet-lite0", help="efficientnet-lite0, -lite1 or -lite2"),
+    backend: str = typer.Option("auto", help="auto (ONNX Runtime, else PyTorch), onnx or torch"),
+    augment: int = typer.Option(0, "--augment", help="K augmented views per training image"),
+    augment_strength: str = typer.Option("medium", help="light, medium or strong"),
+    seed: int = typer.Option(0, help="augmentation seed"),
+    batch_size: int = typer.Option(16, help="images per encoder call"),
+    threads: int = typer.Option(0, help="CPU threads for the encoder (0 = all)"),
+) -> None:
+    """Extract and cache encoder features (resumable; stale caches are rebuilt)."""
+    from captioner.data.prepare import PreparedData, prepare
+    from captioner.features.pipeline import ensure_features
+
+    data = prepare(data_dir, work_dir) if data_dir else PreparedData.load(work_dir)
+    dirs = ensure_features(
+        data,
+        encoder,
+        backend=backend,
+        augment_views=augment,
+        augment_strength=augment_strength,
+        augment_seed=seed,
+        batch_size=batch_size,
+        threads=threads or None,
+    )
+    for view, path in dirs.items():
+        size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
+        typer.echo(f"view {view}: {path} ({size / 2**20:,.0f} MiB)")
+
+
+preview_app = typer.Typer(help="Render comparison pictures of preprocessing.", no_args_is_help=True)
+
+
+@preview_app.command("normalize")
+@friendly_errors
+def preview_normalize(
+    image: Path = typer.Argument(..., help="any photo"),
+    out: Path = typer.Option(Path("normalize_preview.png"), "--out", "-o", help="PNG to write"),
+    encoder: str = typer.Option(
+        "efficientnet-lite0", help="whose preprocessing the last panel shows"
+    ),
+) -> None:
+    """Five panels: original, min-max, mean-std, per-channel, encoder preprocessing."""
+    from captioner.data.images import load_image
+    from captioner.viz.previews import render_normalize_preview
+
+    path = render_normalize_preview(load_image(image), out, encoder=encoder)
+    typer.echo(f"wrote {path}")
+
+
+@preview_app.command("augment")
+@friendly_errors
+def preview_augment(
+    image: Path = typer.Argument(..., help="any photo"),
+    out: Path = typer.Option(Path("augment_preview.png"), "--out", "-o", help="PNG to write"),
+    n: int = typer.Option(8, "-n", help="augmented views to show"),
+    seed: int = typer.Option(0, help="seed of the first view"),
+    strength: str = typer.Option("medium", help="light, medium or strong"),
+) -> None:
+    """A grid of the original and N augmented views."""
+    from captioner.data.images import load_image
+    from captioner.viz.previews import render_augment_preview
+
+    path = render_augment_preview(load_image(image), out, n=n, seed=seed, strength=strength)
+    typer.echo(f"wrote {path}")

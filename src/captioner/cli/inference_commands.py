@@ -1,0 +1,399 @@
+"""caption, predict, evaluate and export: the inference side of the CLI.
+
+Each command only parses options, calls ``captioner.api`` (or the evaluation / export helpers)
+and formats the result; a CaptionerError becomes one red line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import random
+import sys
+from pathlib import Path
+
+import typer
+
+from captioner.cli.common import EXIT_USER_ERROR, friendly_errors
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
+FORMATS = ("text", "json", "csv")
+PROGRESS_MIN_IMAGES = 8  # show a progress bar from this many images on
+
+MODEL_HELP = "saved model directory (from training); default: the bundled pretrained model"
+WORK_DIR_HELP = "prepared work dir (from `captioner prepare`)"
+BACKEND_HELP = "auto (ONNX Runtime, else PyTorch), onnx or torch"
+
+
+def _err(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+
+
+def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
+    """Files, folders (their images, sorted) and glob patterns -> (image paths, problems).
+
+    A file named explicitly is kept whatever its extension (a non-image is reported when it is
+    read); in folders and globs only the image extensions count. Duplicates are dropped.
+    """
+    paths: list[Path] = []
+    problems: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(
+                p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            )
+            if not found:
+                problems.append(f"{item}: no images in this folder ({', '.join(IMAGE_SUFFIXES)})")
+            paths += found
+        elif path.is_file():
+            paths.append(path)
+        elif glob.has_magic(item):
+            found = sorted(
+                Path(p)
+                for p in glob.glob(item, recursive=True)
+                if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_SUFFIXES
+            )
+            if not found:
+                problems.append(f"{item}: no images match this pattern")
+            paths += found
+        else:
+            problems.append(f"{item}: no such file or folder")
+    return list(dict.fromkeys(paths)), problems
+
+
+def format_rows(rows: list[dict], fmt: str, header: bool = True) -> str:
+    """rows of {"path", "caption", "score"} -> text (path<TAB>caption), JSON or CSV."""
+    if fmt == "json":
+        return json.dumps(rows, indent=2, ensure_ascii=False) + "\n"
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(
+            buffer, fieldnames=["path", "caption", "score"], lineterminator="\n"
+        )
+        if header:
+            writer.writeheader()
+        writer.writerows(rows)
+        return buffer.getvalue()
+    return "".join(f"{row['path']}\t{row['caption']}\n" for row in rows)
+
+
+@friendly_errors
+def caption_cmd(
+    inputs: list[str] = typer.Argument(
+        ...,
+        metavar="PATH",
+        help="image files, folders of images, or glob patterns such as 'photos/*.jpg'",
+    ),
+    model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    beam_size: int = typer.Option(3, min=1, max=20, help="beam width (1 = greedy)"),
+    max_length: int = typer.Option(20, min=1, max=100, help="most words per caption"),
+    fmt: str = typer.Option(
+        "text", "--format", "-f", help="text (path<TAB>caption per line), json or csv"
+    ),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="write here (atomically) instead of stdout"
+    ),
+    batch_size: int = typer.Option(16, min=1, max=256, help="images per model call"),
+    backend: str = typer.Option("auto", help=BACKEND_HELP),
+) -> None:
+    """Caption images. Unreadable files are reported on stderr and skipped (exit code 1)."""
+    from tqdm.auto import tqdm
+
+    from captioner.api import Captioner
+    from captioner.data.images import load_image
+    from captioner.errors import ImageLoadError
+    from captioner.io import atomic_write_text
+
+    if fmt not in FORMATS:
+        _err(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+        raise typer.Exit(EXIT_USER_ERROR)
+    paths, problems = expand_inputs(inputs)
+    for problem in problems:
+        _err(problem)
+    if not paths:
+        _err("no images found")
+        raise typer.Exit(EXIT_USER_ERROR)
+    captioner = Captioner.from_pretrained(model, backend=backend)
+
+    stream = output is None and fmt != "json"  # text and CSV go out batch by batch
+    rows: list[dict] = []
+    failed = len(problems)
+    bar = tqdm(
+        total=len(paths),
+        unit="img",
+        file=sys.stderr,
+        desc="caption",
+        disable=len(paths) < PROGRESS_MIN_IMAGES,
+    )
+    for start in range(0, len(paths), batch_size):
+        batch, arrays = [], []
+        for path in paths[start : start + batch_size]:
+            try:  # one by one: a bad file must not sink its batch
+                arrays.append(load_image(path))
+                batch.append(path)
+            except ImageLoadError as exc:
+                bar.clear()
+                _err(str(exc))
+                failed += 1
+        new_rows = []
+        if arrays:
+            results = captioner.caption(
+                arrays, beam_size=beam_size, max_length=max_length, return_attention=False
+            )
+            new_rows = [
+                {"path": str(p), "caption": r.caption, "score": round(r.score, 4)}
+                for p, r in zip(batch, results, strict=True)
+            ]
+        if stream and new_rows:
+            bar.clear()
+            typer.echo(format_rows(new_rows, fmt, header=not rows), nl=False)
+        rows += new_rows
+        bar.update(len(paths[start : start + batch_size]))
+    bar.close()
+    if output is not None:
+        atomic_write_text(output, format_rows(rows, fmt))
+        typer.echo(f"wrote {len(rows)} captions to {output}", err=True)
+    elif not stream:
+        typer.echo(format_rows(rows, fmt), nl=False)
+    if failed:
+        typer.secho(
+            f"{failed} input(s) failed, {len(rows)} captioned", fg=typer.colors.YELLOW, err=True
+        )
+        raise typer.Exit(1)
+
+
+@friendly_errors
+def predict_cmd(
+    model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    work_dir: Path = typer.Option(Path("work/flickr8k"), "--work-dir", help=WORK_DIR_HELP),
+    split: str = typer.Option("test", help="split to draw the random image from"),
+    image: str | None = typer.Option(
+        None,
+        "--image",
+        help="an image name from the dataset, or a path to any image file; default: a random "
+        "image of --split",
+    ),
+    seed: int = typer.Option(0, help="which random image (without --image)"),
+    beam_size: int = typer.Option(3, min=1, max=20, help="beam width (1 = greedy)"),
+    max_length: int = typer.Option(20, min=1, max=100, help="most words per caption"),
+    out: Path = typer.Option(
+        Path("predict.png"), "--out", "-o", help="attention figure (PNG) to write"
+    ),
+    backend: str = typer.Option("auto", help=BACKEND_HELP),
+) -> None:
+    """Caption one image, print it with the human references, draw the per-word attention."""
+    from captioner.api import Captioner
+    from captioner.data.images import load_image
+    from captioner.data.prepare import PreparedData
+    from captioner.errors import DataError
+    from captioner.viz.attention import render_attention_figure
+
+    prepared = None
+    if image is None or not Path(image).is_file() or (work_dir / "dataset.json").is_file():
+        prepared = PreparedData.load(work_dir)  # a file outside a prepared dataset needs none
+    references: list[str] | None = None
+    if image is None:
+        names = prepared.splits[split]
+        if not names:
+            raise DataError(f"the {split} split of {work_dir} has no images")
+        name = random.Random(seed).choice(names)
+        path = prepared.images_dir / name
+        references = prepared.captions[name]
+    elif Path(image).is_file():
+        path = Path(image)
+        name = path.name
+        inside = prepared is not None and path.resolve() == (prepared.images_dir / name).resolve()
+        if inside and name in prepared.captions:
+            references = prepared.captions[name]
+    elif image in prepared.captions:
+        name, path = image, prepared.images_dir / image
+        references = prepared.captions[name]
+    else:
+        raise DataError(f"{image}: neither an image of {work_dir} nor an image file")
+
+    rgb = load_image(path)
+    captioner = Captioner.from_pretrained(model, backend=backend)
+    result = captioner.caption(rgb, beam_size=beam_size, max_length=max_length)[0]
+    typer.echo(f"image:      {path}")
+    typer.echo(f"caption:    {result.caption}   (score {result.score:.3f})")
+    if references:
+        typer.echo("references:")
+        for ref in references:
+            typer.echo(f"  - {ref}")
+    else:
+        typer.echo("references: (none: the image is not part of the dataset)")
+    written = render_attention_figure(rgb, result, out, references, grid_size=captioner.grid_size)
+    typer.echo(f"wrote {written}")
+
+
+@friendly_errors
+def evaluate_cmd(
+    model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    work_dir: Path = typer.Option(Path("work/flickr8k"), "--work-dir", help=WORK_DIR_HELP),
+    split: str = typer.Option("test", help="train, val or test"),
+    beam_size: int = typer.Option(3, min=1, max=20, help="beam width (1 = greedy)"),
+    max_length: int = typer.Option(20, min=1, max=100, help="most words per caption"),
+    length_penalty: float = typer.Option(
+        1.0, help="beam score = log-prob / length ** this (0 = no length normalisation)"
+    ),
+    batch_size: int = typer.Option(50, min=1, max=1024, help="images per decoding batch"),
+    out_dir: Path | None = typer.Option(
+        None, "--out-dir", help="where the report and results go; default runs/eval/<model>"
+    ),
+    no_java: bool = typer.Option(
+        False, "--no-java", help="Python tokenizer, no METEOR (fast, no Java needed)"
+    ),
+    limit: int = typer.Option(0, min=0, help="only the first N images of the split (0 = all)"),
+    backend: str = typer.Option("auto", help=BACKEND_HELP),
+) -> None:
+    """Decode a whole split, print BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (0-100), save a report."""
+    from captioner.evaluation.evaluate import evaluate
+    from captioner.evaluation.metrics import format_scores
+
+    report = evaluate(
+        model,
+        work_dir,
+        split,
+        beam_size=beam_size,
+        max_length=max_length,
+        length_penalty=length_penalty,
+        batch_size=batch_size,
+        use_java=False if no_java else None,
+        limit=limit,
+        out_dir=out_dir,
+        backend=backend,
+    )
+    typer.echo(
+        f"{report['split']}: {report['n_images']} images, beam {report['beam_size']}, "
+        f"features {report['features']}, {report['time_s']:.1f} s"
+    )
+    typer.echo(format_scores(report["scores"]))
+    typer.echo(f"wrote {report['report_file']}\nwrote {report['results_file']}")
+
+
+@friendly_errors
+def export_cmd(
+    model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    out_dir: Path = typer.Option(
+        Path("onnx"), "--out-dir", "-o", help="folder for the .onnx files"
+    ),
+    tolerance: float = typer.Option(
+        1e-3, help="largest accepted ONNX-vs-PyTorch difference, relative to the output scale"
+    ),
+) -> None:
+    """Export encoder.onnx, decoder_start.onnx, decoder_step.onnx and check them against PyTorch."""
+    from captioner.api import resolve_model_path
+    from captioner.model.captioning_model import CaptioningModel
+
+    captioning_model = CaptioningModel.from_pretrained(resolve_model_path(model))
+    files = export_onnx(captioning_model, out_dir)
+    for path in files:
+        typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    parity = check_parity(captioning_model, out_dir)
+    typer.echo(
+        f"parity on one synthetic image: encoder max abs diff {parity['encoder']:.2e} "
+        f"(scale {parity['encoder_scale']:.2f}), decoder logits {parity['logits']:.2e} "
+        f"(scale {parity['logits_scale']:.2f}), attention {parity['alpha']:.2e}"
+    )
+    typer.echo(
+        f"greedy caption  torch: {parity['caption_torch']!r}\n"
+        f"                 onnx: {parity['caption_onnx']!r}"
+    )
+    bad = [
+        k for k in ("encoder", "logits") if parity[k] > tolerance * max(1.0, parity[k + "_scale"])
+    ]
+    if bad or parity["alpha"] > tolerance or parity["caption_torch"] != parity["caption_onnx"]:
+        _err("the ONNX files do not match PyTorch within the tolerance")
+        raise typer.Exit(1)
+    typer.echo("parity ok")
+
+
+def export_onnx(model, out_dir: Path) -> list[Path]:
+    """Write encoder.onnx, decoder_start.onnx and decoder_step.onnx into ``out_dir``.
+
+    All three are produced in a temporary folder inside ``out_dir`` and then moved into place,
+    so an interrupted export never leaves a mix of old and new files.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    from captioner.features.onnx import export_encoder
+    from captioner.model.onnx_decoder import export_decoder
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = ["encoder.onnx", "decoder_start.onnx", "decoder_step.onnx"]
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp_name:
+        tmp = Path(tmp_name)
+        # the encoder is fixed pretrained weights: reuse the export cached for inference
+        shutil.copyfile(export_encoder(model.encoder.name), tmp / "encoder.onnx")
+        export_decoder(model.decoder, tmp)
+        for name in names:
+            os.replace(tmp / name, out_dir / name)
+    return [out_dir / name for name in names]
+
+
+def check_parity(model, onnx_dir: Path, steps: int = 8) -> dict:
+    """Run PyTorch and the exported ONNX files on one synthetic image; return the differences."""
+    import numpy as np
+    import torch
+
+    from captioner.decoding import greedy_decode
+    from captioner.features.encoders import build_encoder, preprocess
+    from captioner.features.onnx import ort_session
+    from captioner.model.onnx_decoder import OrtStepper
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(
+        0, 256, size=(model.encoder.image_size, model.encoder.image_size, 3), dtype=np.uint8
+    )
+    batch = preprocess([image], model.encoder)  # (1, 3, S, S) float32
+    with torch.inference_mode():
+        feats_torch = build_encoder(model.encoder.name)(torch.from_numpy(batch)).numpy()
+    feats_onnx = ort_session(onnx_dir / "encoder.onnx").run(None, {"images": batch})[0]
+    features = torch.from_numpy(feats_torch)  # (1, P, C): both decoders read the same grid
+
+    torch_stepper = model.decoder
+    onnx_stepper = OrtStepper(onnx_dir, model.decoder.config.cell)
+    logits_diff = alpha_diff = logits_scale = 0.0
+    with torch.inference_mode():
+        memory_t, state_t = torch_stepper.start(features)
+        memory_o, state_o = onnx_stepper.start(features)
+        tokens = torch.full((1,), model.vocab.start_id, dtype=torch.long)
+        for _ in range(steps):
+            logits_t, state_t, alpha_t = torch_stepper.step(tokens, state_t, memory_t)
+            logits_o, state_o, alpha_o = onnx_stepper.step(tokens, state_o, memory_o)
+            logits_diff = max(logits_diff, float((logits_t - logits_o).abs().max()))
+            alpha_diff = max(alpha_diff, float((alpha_t - alpha_o).abs().max()))
+            logits_scale = max(logits_scale, float(logits_t.abs().max()))
+            tokens = logits_t.argmax(dim=1)  # teacher-force both with torch's choice
+        ids = dict(
+            start_id=model.vocab.start_id,
+            end_id=model.vocab.end_id,
+            unk_id=model.vocab.unk_id,
+            pad_id=model.vocab.pad_id,
+        )
+        captions = [
+            model.vocab.decode(greedy_decode(s, features, max_length=20, **ids)[0].token_ids)
+            for s in (torch_stepper, onnx_stepper)
+        ]
+    return {
+        "encoder": float(np.abs(feats_torch - feats_onnx).max()),
+        "encoder_scale": float(np.abs(feats_torch).max()),
+        "logits": logits_diff,
+        "logits_scale": logits_scale,
+        "alpha": alpha_diff,
+        "caption_torch": captions[0],
+        "caption_onnx": captions[1],
+    }
+
+
+def register(app: typer.Typer) -> None:
+    """Add caption, predict, evaluate and export to the main Typer app."""
+    app.command("caption")(caption_cmd)
+    app.command("predict")(predict_cmd)
+    app.command("evaluate")(evaluate_cmd)
+    app.command("export")(export_cmd)

@@ -1,0 +1,30 @@
+"""The `captioner` command."""
+
+from __future__ import annotations
+
+import typer
+
+from captioner.cli import data_commands, inference_commands, serve, train_command
+
+app = typer.Typer(
+    name="captioner",
+    help="Image captioning: prepare data, extract features, train, caption, evaluate, serve.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("prepare")(data_commands.prepare_cmd)
+app.command("vocab-sample")(data_commands.vocab_sample_cmd)
+app.command("features")(data_commands.features_cmd)
+app.add_typer(data_commands.preview_app, name="preview")
+app.command("train")(train_command.train_cmd)
+serve.register(app)
+inference_commands.register(app)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""``captioner serve``: the web service and demo page (FastAPI + uvicorn)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+import typer
+
+log = logging.getLogger(__name__)
+
+
+def serve(
+    model: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_upload_mb: float = 10,
+    max_batch_size: int = 8,
+    batch_window_ms: float = 10,
+    max_queue: int = 64,
+    workers: int = 1,
+    decode_threads: int = 2,
+    backend: str = "auto",
+    log_level: str = "info",
+) -> None:
+    """Load the model (in the app's startup) and serve until interrupted.
+
+    ``model`` is a saved model directory (None: the bundled default). ``workers`` is the number
+    of inference threads (batches that may run at once); ``max_batch_size=1`` turns
+    micro-batching off. Raises the model's loading error (a CaptionerError such as
+    CheckpointError) if startup fails, so the CLI can map it to an exit code.
+    """
+    import uvicorn
+
+    from captioner.web.app import ServeSettings, create_app
+
+    settings = ServeSettings(
+        max_upload_mb=max_upload_mb,
+        max_batch_size=max_batch_size,
+        batch_window_ms=batch_window_ms,
+        max_queue=max_queue,
+        workers=workers,
+        decode_threads=decode_threads,
+    )
+
+    def load_model():
+        from captioner.api import Captioner
+
+        return Captioner.from_pretrained(model, backend=backend)
+
+    app = create_app(load_model, settings)
+    if not _is_loopback(host):
+        log.warning(
+            "serving on %s: reachable from other machines; the service has no authentication",
+            host,
+        )
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        lifespan="on",
+        server_header=False,
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=10,
+    )
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits this way when the lifespan startup failed
+        if getattr(app.state, "startup_error", None) is None:
+            raise
+    error = getattr(app.state, "startup_error", None)
+    if error is not None:
+        raise error
+    if not server.started:
+        raise RuntimeError(f"the server did not start on {host}:{port} (see the log above)")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``serve`` command to the main Typer app."""
+
+    @app.command(
+        "serve",
+        help=(
+            "Serve the captioning web page and JSON API (POST /v1/captions, GET /healthz, "
+            "OpenAPI docs at /docs). Listens on 127.0.0.1 unless --host says otherwise."
+        ),
+    )
+    def serve_command(
+        model: str = typer.Option(
+            None,
+            "--model",
+            "-m",
+            help="Saved model directory (from training). Default: the bundled pretrained model.",
+        ),
+        host: str = typer.Option(
+            "127.0.0.1", help="Interface to listen on; 0.0.0.0 exposes it to the network."
+        ),
+        port: int = typer.Option(8000, min=0, max=65535, help="TCP port (0: any free port)."),
+        max_upload_mb: float = typer.Option(
+            10.0, min=0.01, max=1024, help="Largest accepted upload in MB (larger: HTTP 413)."
+        ),
+        max_batch_size: int = typer.Option(
+            8, min=1, max=256, help="Most requests captioned in one batch; 1 turns batching off."
+        ),
+        batch_window_ms: float = typer.Option(
+            10.0, min=0, max=1000, help="How long a batch waits to fill, in milliseconds."
+        ),
+        max_queue: int = typer.Option(
+            64, min=1, max=100_000, help="Requests allowed to wait; more get HTTP 503 at once."
+        ),
+        workers: int = typer.Option(
+            1, min=1, max=64, help="Inference threads (batches that may run at the same time)."
+        ),
+        decode_threads: int = typer.Option(
+            2, min=1, max=64, help="Threads that decode uploaded images."
+        ),
+        backend: str = typer.Option(
+            "auto", help="Inference backend passed to Captioner.from_pretrained (auto/onnx/torch)."
+        ),
+        log_level: str = typer.Option(
+            "info", help="uvicorn log level (critical, error, warning, info, debug)."
+        ),
+    ) -> None:
+        serve(
+            model=model,
+            host=host,
+            port=port,
+            max_upload_mb=max_upload_mb,
+            max_batch_size=max_batch_size,
+            batch_window_ms=batch_window_ms,
+            max_queue=max_queue,
+            workers=workers,
+            decode_threads=decode_threads,
+            backend=backend,
+            log_level=log_level,
+        )

@@ -1,0 +1,38 @@
+"""`captioner train`: every TrainConfig field is a flag, generated from the dataclass."""
+
+from __future__ import annotations
+
+import inspect
+
+import typer
+
+from captioner.cli.common import friendly_errors, options_from_dataclass, with_signature
+from captioner.training.config import TrainConfig
+
+
+def _train(**kwargs) -> None:
+    """Train a Show-Attend-Tell decoder on cached features; rerun the same command to resume."""
+    from captioner.training.loop import train
+
+    restart = kwargs.pop("restart")
+    best = train(TrainConfig(**kwargs), restart=restart)
+    typer.echo(f"best model: {best}")
+
+
+train_cmd = friendly_errors(
+    with_signature(
+        _train,
+        [
+            *options_from_dataclass(TrainConfig),
+            inspect.Parameter(
+                "restart",
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=bool,
+                default=typer.Option(
+                    False, "--restart", help="ignore existing checkpoints and start over"
+                ),
+            ),
+        ],
+    )
+)
+train_cmd.__doc__ = _train.__doc__

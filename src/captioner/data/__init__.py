@@ -1,0 +1,1 @@
+"""Data side: caption files, splits, vocabulary, image loading, augmentation."""

@@ -1,0 +1,143 @@
+"""Greedy decoding over any Stepper, plus the pieces greedy and beam search share.
+
+Conventions shared with :func:`captioner.decoding.beam.beam_search` (so that beam search with
+``beam_size=1`` returns exactly greedy's tokens and score):
+
+- ``<pad>`` and ``<start>`` (and ``<unk>`` with ``suppress_unk``) are never emitted: their logits
+  are set to -inf *before* the log-softmax, so the log-probabilities are those of the
+  distribution renormalised over the tokens that may be emitted.
+- A hypothesis's *length* counts every generated token, its ``<end>`` included; a hypothesis cut
+  off at ``max_length`` has length ``max_length``. So ``max_length`` is the most steps decoding
+  runs, and ``token_ids`` (without ``<end>``) is never longer than ``max_length``.
+- ``score = sum of log-probs / length ** length_penalty``: with the default ``length_penalty=1``
+  it is the mean per-token log-probability; 0 gives the raw sequence log-probability.
+- ``alphas`` has one attention row per returned token (the attention of the ``<end>`` step is
+  dropped), each a distribution over the P grid cells.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+Memory = tuple[torch.Tensor, ...]
+State = tuple[torch.Tensor, ...]
+
+
+class Stepper(Protocol):
+    """What decoding drives (see docs/ARCHITECTURE.md): the torch decoder or an ORT session."""
+
+    def start(self, features: torch.Tensor) -> tuple[Memory, State]: ...
+
+    def step(
+        self, tokens: torch.Tensor, state: State, memory: Memory
+    ) -> tuple[torch.Tensor, State, torch.Tensor]: ...
+
+
+@dataclass
+class DecodeResult:
+    """The decoded caption of one image."""
+
+    token_ids: list[int]  # without <start> and <end>
+    score: float  # sum of log-probs / length ** length_penalty (length counts <end>)
+    alphas: np.ndarray  # (len(token_ids), P) float32 attention per returned token
+    alternatives: list[tuple[list[int], float]] = field(default_factory=list)  # best first
+
+
+Hypothesis = DecodeResult  # alias: one decoded hypothesis with its score and attention
+
+
+def check_inputs(features: torch.Tensor, max_length: int) -> None:
+    if not isinstance(features, torch.Tensor):
+        raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
+    if features.dim() != 3:
+        raise ValueError(f"features must be (B, P, C), got shape {tuple(features.shape)}")
+    if int(max_length) < 1:
+        raise ValueError(f"max_length must be at least 1, got {max_length}")
+
+
+def banned_ids(pad_id: int, start_id: int, unk_id: int, suppress_unk: bool) -> list[int]:
+    return [pad_id, start_id, *([unk_id] if suppress_unk else [])]
+
+
+def masked_log_probs(logits: torch.Tensor, banned: torch.Tensor) -> torch.Tensor:
+    """logits (N, V) -> log-probs (N, V) float32 with the banned ids at -inf."""
+    logits = logits.float().index_fill(1, banned, float("-inf"))  # (N, V)
+    return torch.log_softmax(logits, dim=1)  # (N, V)
+
+
+def normalised_score(total: float, length: int, length_penalty: float) -> float:
+    return float(total) / float(length) ** float(length_penalty)
+
+
+def select_rows(tensors: tuple[torch.Tensor, ...], index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tuple(t.index_select(0, index) for t in tensors)
+
+
+@torch.inference_mode()
+def greedy_decode(
+    stepper: Stepper,
+    features: torch.Tensor,
+    *,
+    start_id: int = 1,
+    end_id: int = 2,
+    unk_id: int = 3,
+    pad_id: int = 0,
+    max_length: int = 20,
+    suppress_unk: bool = False,
+    length_penalty: float = 1.0,
+) -> list[DecodeResult]:
+    """Decode every image of ``features`` (B, P, C) at once, taking the most likely token at
+    each step; a row stops at its first ``<end>``. Finished rows are dropped from the batch, so
+    the stepper only runs the captions still going."""
+    check_inputs(features, max_length)
+    B = features.size(0)
+    if B == 0:
+        return []
+    device = features.device
+    banned = torch.tensor(banned_ids(pad_id, start_id, unk_id, suppress_unk), device=device)
+    memory, state = stepper.start(features)
+    active = torch.arange(B, device=device)  # (n,) image of each live row
+    tokens = torch.full((B,), start_id, dtype=torch.long, device=device)  # (n,)
+    cum = torch.zeros(B, dtype=torch.float32, device=device)  # (n,) sum of log-probs so far
+    hist_tok = torch.full((max_length, B), pad_id, dtype=torch.long, device=device)  # (T, B)
+    hist_alpha: torch.Tensor | None = None  # (T, B, P), allocated once P is known
+    totals = torch.zeros(B, dtype=torch.float32, device=device)  # (B,) final sums
+    lengths = [0] * B
+    for t in range(max_length):
+        logits, state, alpha = stepper.step(tokens, state, memory)  # (n, V), ..., (n, P)
+        logp = masked_log_probs(logits, banned)  # (n, V)
+        tokens = logp.argmax(dim=1)  # (n,) the first maximum on ties
+        cum = cum + logp.gather(1, tokens.unsqueeze(1)).squeeze(1)  # (n,)
+        if hist_alpha is None:
+            hist_alpha = torch.zeros(max_length, B, alpha.size(1), device=device)  # (T, B, P)
+        hist_tok[t, active] = tokens
+        hist_alpha[t, active] = alpha.float()
+        done = (
+            torch.ones_like(tokens, dtype=torch.bool) if t == max_length - 1 else tokens == end_id
+        )
+        if not bool(done.any()):
+            continue
+        totals[active[done]] = cum[done]
+        for b in active[done].tolist():
+            lengths[b] = t + 1
+        keep = (~done).nonzero().squeeze(1)  # (n',)
+        if keep.numel() == 0:
+            break
+        active, cum, tokens = active[keep], cum[keep], tokens[keep]
+        state, memory = select_rows(state, keep), select_rows(memory, keep)
+
+    tok_np = hist_tok.cpu().numpy()  # (T, B)
+    alpha_np = hist_alpha.cpu().numpy()  # (T, B, P)
+    results = []
+    for b, (total, length) in enumerate(zip(totals.tolist(), lengths, strict=True)):
+        ids = tok_np[:length, b].tolist()
+        if ids and ids[-1] == end_id:
+            ids = ids[:-1]
+        score = normalised_score(total, length, length_penalty)
+        alphas = np.ascontiguousarray(alpha_np[: len(ids), b], dtype=np.float32)  # (L, P)
+        results.append(DecodeResult(ids, score, alphas, [(list(ids), score)]))
+    return results

@@ -1,0 +1,1 @@
+"""Evaluation: standard COCO caption metrics (BLEU, METEOR, ROUGE-L, CIDEr-D) via pycocoevalcap."""

@@ -1,0 +1,162 @@
+"""`captioner evaluate`: decode every image of a split, score it, write a report.
+
+Scores are computed only on decoded captions (beam search or greedy, exactly what users get),
+never on teacher-forced outputs. The encoder features come from the feature cache when a
+complete one exists for the model's encoder (view 0); otherwise the images are encoded here.
+
+Two files are written atomically into ``out_dir``:
+    report_<split>_beam<k>.json   settings, scores (0-100), timing
+    results_<split>_beam<k>.json  COCO results format: [{"image_id": name, "caption": ...}]
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from captioner.api import Captioner, resolve_model_path
+from captioner.data.prepare import PreparedData
+from captioner.errors import ConfigError, DataError
+from captioner.evaluation.metrics import java_available, score_captions
+from captioner.io import atomic_write_json
+
+DEFAULT_EVAL_ROOT = Path("runs/eval")
+
+
+def default_out_dir(model: str | os.PathLike | None) -> Path:
+    """runs/eval/<model directory name> (the bundled model: runs/eval/flickr8k)."""
+    return DEFAULT_EVAL_ROOT / resolve_model_path(model).resolve().name
+
+
+def report_paths(out_dir: Path, split: str, beam_size: int) -> tuple[Path, Path]:
+    stem = f"{split}_beam{beam_size}"
+    return out_dir / f"report_{stem}.json", out_dir / f"results_{stem}.json"
+
+
+def _cached_features(captioner: Captioner, prepared: PreparedData, names: list[str]):
+    """(N, P, C) fp16 features of ``names`` from a complete view-0 cache, or None if none."""
+    from captioner.features.cache import cache_dir_for
+    from captioner.features.pipeline import (
+        _is_current,
+        ensure_features,
+        feature_root,
+        load_features,
+        split_images,
+    )
+
+    spec = captioner.spec
+    cache_dir = cache_dir_for(feature_root(prepared), spec.name, spec.image_size, 0)
+    if not _is_current(cache_dir, split_images(prepared), prepared, None):
+        return None
+    dirs = ensure_features(prepared, spec.name, progress=False)  # complete: loads no encoder
+    cached_names, features = load_features({0: dirs[0]})[0]
+    index = {name: i for i, name in enumerate(cached_names)}
+    missing = [n for n in names if n not in index]
+    if missing:
+        return None
+    return features.index_select(0, torch.tensor([index[n] for n in names], dtype=torch.long))
+
+
+def evaluate(
+    model: str | os.PathLike | Captioner | None,
+    work_dir: str | os.PathLike,
+    split: str = "test",
+    beam_size: int = 3,
+    max_length: int = 20,
+    length_penalty: float = 1.0,
+    batch_size: int = 50,
+    use_java: bool | None = None,
+    limit: int = 0,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    backend: str = "auto",
+    use_cache: bool = True,
+    progress: bool = True,
+) -> dict:
+    """Caption every image of ``split`` of the prepared ``work_dir``, score, write, return report.
+
+    ``model`` is a saved model directory, None for the bundled model, or a loaded Captioner.
+    ``limit`` > 0 evaluates only the first ``limit`` images of the split (a quick check).
+    ``use_java`` is passed to :func:`score_captions` (None: Java if available). ``out_dir``
+    defaults to ``runs/eval/<model directory name>`` (``runs/eval/captioner`` for a Captioner).
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+    if limit < 0:
+        raise ConfigError(f"limit must be 0 (all) or positive, got {limit}")
+    start = time.perf_counter()
+    if isinstance(model, Captioner):
+        captioner, model_name = model, "captioner"
+        out_dir = Path(out_dir) if out_dir is not None else DEFAULT_EVAL_ROOT / "captioner"
+    else:
+        model_path = resolve_model_path(model)
+        model_name = str(model_path)
+        out_dir = Path(out_dir) if out_dir is not None else default_out_dir(model_path)
+        captioner = Captioner.from_pretrained(model_path, backend=backend)
+    prepared = PreparedData.load(work_dir)
+    names = list(prepared.splits[split])
+    if limit:
+        names = names[:limit]
+    if not names:
+        raise DataError(f"the {split} split of {work_dir} has no images")
+
+    features = _cached_features(captioner, prepared, names) if use_cache else None
+    options = dict(
+        beam_size=beam_size,
+        max_length=max_length,
+        length_penalty=length_penalty,
+        return_attention=False,
+    )
+    predictions: dict[str, str] = {}
+    decode_start = time.perf_counter()
+    batches = [names[i : i + batch_size] for i in range(0, len(names), batch_size)]
+    bar = tqdm(
+        batches,
+        unit="batch",
+        disable=not progress,
+        desc=f"evaluate {split} (beam {beam_size}, "
+        f"{'cached features' if features is not None else 'encoding images'})",
+    )
+    offset = 0
+    for batch in bar:
+        if features is not None:
+            chunk = features[offset : offset + len(batch)].float()  # (b, P, C)
+            results = captioner.caption_features(chunk, **options)
+        else:
+            results = captioner.caption([prepared.images_dir / n for n in batch], **options)
+        offset += len(batch)
+        predictions.update((n, r.caption) for n, r in zip(batch, results, strict=True))
+    bar.close()
+    decode_s = time.perf_counter() - decode_start
+
+    references = {n: prepared.captions[n] for n in names}
+    scores = score_captions(references, predictions, use_java=use_java)
+    report_path, results_path = report_paths(out_dir, split, beam_size)
+    report = {
+        "model": model_name,
+        "work_dir": str(work_dir),
+        "split": split,
+        "n_images": len(names),
+        "limit": limit,
+        "beam_size": beam_size,
+        "max_length": max_length,
+        "length_penalty": length_penalty,
+        "encoder": captioner.spec.name,
+        "backend": captioner.backend,
+        "features": "cache" if features is not None else "encoded",
+        "tokenizer": "java-ptb" if java_available() and use_java is not False else "python-ptb",
+        "scores": scores,
+        "scale": "0-100",
+        "decode_s": round(decode_s, 3),
+        "time_s": round(time.perf_counter() - start, 3),
+        "results_file": str(results_path),
+    }
+    results = [{"image_id": n, "caption": predictions[n]} for n in names]
+    atomic_write_json(results_path, results)
+    atomic_write_json(report_path, report)
+    report["report_file"] = str(report_path)
+    return report

@@ -1,0 +1,1 @@
+"""Features: pretrained CNN encoders, ONNX export/runtime, and the on-disk feature cache."""

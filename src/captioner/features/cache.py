@@ -1,0 +1,205 @@
+"""On-disk feature cache: extract once, reuse everywhere, never silently reuse a stale one.
+
+One cache directory per (dataset, encoder, image size, view). View 0 is the plain image; view
+k >= 1 is the k-th seeded augmentation of it. Features are written in shards of fp16 safetensors;
+``manifest.json`` records what produced them and which shards are done, so an interrupted
+extraction resumes at the first missing shard, and a cache made from other images, another
+encoder or other augmentation settings is detected and rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+from tqdm.auto import tqdm
+
+from captioner.data.images import load_image
+from captioner.errors import CacheError
+from captioner.features.encoders import preprocess
+from captioner.features.onnx import FeatureExtractor
+from captioner.io import atomic_path, atomic_write_json, read_json
+
+MANIFEST = "manifest.json"
+CACHE_FORMAT = 1
+
+
+def dataset_fingerprint(images_dir: Path, names: list[str]) -> str:
+    """Names and byte sizes of the images, in order: changes when the image set changes."""
+    digest = hashlib.sha256()
+    for name in names:
+        path = images_dir / name
+        size = path.stat().st_size if path.is_file() else -1
+        digest.update(f"{name}\0{size}\n".encode())
+    return digest.hexdigest()
+
+
+def view_seed(name: str, view: int, seed: int) -> int:
+    return (zlib.crc32(name.encode()) + 1_000_003 * view + 7919 * seed) % (2**31)
+
+
+def cache_dir_for(root: Path, encoder: str, image_size: int, view: int) -> Path:
+    return Path(root) / f"{encoder}-{image_size}" / f"view{view}"
+
+
+def _expected_manifest(
+    extractor: FeatureExtractor,
+    fingerprint: str,
+    count: int,
+    view: int,
+    augment: dict | None,
+    shard_size: int,
+) -> dict:
+    return {
+        "format": CACHE_FORMAT,
+        "encoder": extractor.spec.to_json(),
+        "view": view,
+        "augment": augment if view > 0 else None,
+        "dataset": {"fingerprint": fingerprint, "count": count},
+        "dtype": "float16",
+        "shard_size": shard_size,
+    }
+
+
+def _load_view(images_dir: Path, name: str, view: int, augment: dict | None) -> np.ndarray:
+    image = load_image(images_dir / name)
+    if view > 0:
+        from captioner.data.augment import augment_image
+
+        image = augment_image(image, view_seed(name, view, augment["seed"]), augment["strength"])
+    return image
+
+
+def extract_to_cache(
+    images_dir: Path,
+    names: list[str],
+    cache_dir: Path,
+    extractor: FeatureExtractor,
+    *,
+    view: int = 0,
+    augment: dict | None = None,
+    batch_size: int = 16,
+    shard_size: int = 512,
+    progress: bool = True,
+) -> Path:
+    """Extract features of ``names`` into ``cache_dir``, resuming or rebuilding as needed."""
+    images_dir, cache_dir = Path(images_dir), Path(cache_dir)
+    if view > 0 and not augment:
+        raise CacheError("augmented views need augment settings ({'seed', 'strength'})")
+    expected = _expected_manifest(
+        extractor, dataset_fingerprint(images_dir, names), len(names), view, augment, shard_size
+    )
+    manifest_path = cache_dir / MANIFEST
+    shards: dict[str, int] = {}
+    saved_complete = False
+    if manifest_path.is_file():
+        try:
+            saved = read_json(manifest_path)
+        except json.JSONDecodeError:
+            saved = {}
+        if {k: saved.get(k) for k in expected} == expected:
+            shards = {
+                k: v
+                for k, v in saved.get("shards", {}).items()
+                if (cache_dir / f"shard_{k}.safetensors").is_file()
+            }
+            saved_complete = saved.get("complete") is True
+        else:
+            changed = [k for k in expected if saved.get(k) != expected[k]]
+            print(f"feature cache {cache_dir} is stale ({', '.join(changed)} changed): rebuilding")
+            shutil.rmtree(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    num_shards = (len(names) + shard_size - 1) // shard_size
+    todo = [i for i in range(num_shards) if f"{i:05d}" not in shards]
+    done_images = sum(shards.values())
+    bar = tqdm(
+        total=len(names),
+        initial=done_images,
+        unit="img",
+        disable=not progress,
+        desc=f"features {extractor.spec.name} view{view} ({extractor.backend})",
+    )
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for shard in todo:
+            shard_names = names[shard * shard_size : (shard + 1) * shard_size]
+            outputs = []
+            batches = [
+                shard_names[i : i + batch_size] for i in range(0, len(shard_names), batch_size)
+            ]
+            # decode the next batch while the encoder runs on this one
+            pending = pool.submit(_load_batch, images_dir, batches[0], view, augment, extractor)
+            for b in range(len(batches)):
+                batch = pending.result()
+                if b + 1 < len(batches):
+                    pending = pool.submit(
+                        _load_batch, images_dir, batches[b + 1], view, augment, extractor
+                    )
+                outputs.append(extractor(batch).astype(np.float16))
+                bar.update(len(batch))
+            features = np.concatenate(outputs)  # (n, P, C)
+            with atomic_path(cache_dir / f"shard_{shard:05d}.safetensors") as tmp:
+                save_file(
+                    {"features": features}, str(tmp), metadata={"images": json.dumps(shard_names)}
+                )
+            shards[f"{shard:05d}"] = len(shard_names)
+            atomic_write_json(
+                manifest_path, {**expected, "shards": shards, "complete": len(shards) == num_shards}
+            )
+    bar.close()
+    if not todo and not saved_complete:  # all shards there (or zero images): mark complete
+        atomic_write_json(manifest_path, {**expected, "shards": shards, "complete": True})
+    return cache_dir
+
+
+def _load_batch(images_dir, batch_names, view, augment, extractor) -> np.ndarray:
+    images = [_load_view(images_dir, n, view, augment) for n in batch_names]
+    return preprocess(images, extractor.spec)
+
+
+def load_cache(cache_dir: Path) -> tuple[list[str], torch.Tensor]:
+    """All features of a complete cache: (names, fp16 tensor (N, P, C))."""
+    cache_dir = Path(cache_dir)
+    manifest_path = cache_dir / MANIFEST
+    if not manifest_path.is_file():
+        raise CacheError(f"no feature cache at {cache_dir} (run `captioner features` first)")
+    try:
+        manifest = read_json(manifest_path)
+    except ValueError as exc:
+        raise CacheError(
+            f"feature cache manifest {manifest_path} is unreadable ({exc}); rerun "
+            "`captioner features` to rebuild it"
+        ) from exc
+    if not manifest.get("complete"):
+        raise CacheError(
+            f"feature cache {cache_dir} is incomplete: rerun `captioner features` to resume it"
+        )
+    names: list[str] = []
+    parts = []
+    for key in sorted(manifest["shards"]):
+        path = cache_dir / f"shard_{key}.safetensors"
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="numpy") as handle:
+                names.extend(json.loads(handle.metadata()["images"]))
+            parts.append(load_file(str(path))["features"])
+        except Exception as exc:  # noqa: BLE001 - a damaged shard is reported, not used
+            raise CacheError(
+                f"feature shard {path} is unreadable ({exc}); delete it and rerun "
+                "`captioner features` to rebuild it"
+            ) from exc
+    if len(names) != manifest["dataset"]["count"]:
+        raise CacheError(
+            f"feature cache {cache_dir} has {len(names)} images, manifest says "
+            f"{manifest['dataset']['count']}"
+        )
+    if not parts:
+        return names, torch.zeros(0)
+    return names, torch.from_numpy(np.concatenate(parts))

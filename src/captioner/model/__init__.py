@@ -1,0 +1,1 @@
+"""The Show-Attend-Tell decoder and the saved-model contract around it."""

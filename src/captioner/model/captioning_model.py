@@ -1,0 +1,111 @@
+"""A trained captioner as a directory: config.json + vocab.json + model.safetensors (+ README.md).
+
+config.json holds the decoder hyperparameters and the encoder it was trained on (name, image
+size, preprocessing), so a saved model is self-describing: nothing else has to be found.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from captioner.data.vocab import Vocabulary
+from captioner.errors import CheckpointError, ConfigError, VocabularyError
+from captioner.features.encoders import EncoderSpec, get_spec
+from captioner.io import atomic_path, atomic_write_json, read_json
+from captioner.model.config import DecoderConfig
+from captioner.model.decoder import ShowAttendTellDecoder
+
+CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE = "config.json", "vocab.json", "model.safetensors"
+FORMAT_VERSION = 1
+
+
+class CaptioningModel:
+    """Decoder + vocabulary + the encoder spec its features came from."""
+
+    def __init__(self, decoder: ShowAttendTellDecoder, vocab: Vocabulary, encoder: EncoderSpec):
+        if decoder.config.vocab_size != len(vocab):
+            raise ConfigError(
+                f"decoder vocab_size {decoder.config.vocab_size} != vocabulary size {len(vocab)}"
+            )
+        if decoder.config.feature_dim != encoder.channels:
+            raise ConfigError(
+                f"decoder feature_dim {decoder.config.feature_dim} != {encoder.name} channels "
+                f"{encoder.channels}"
+            )
+        self.decoder = decoder
+        self.vocab = vocab
+        self.encoder = encoder
+
+    def save_pretrained(
+        self, path: str | Path, dtype: torch.dtype = torch.float32, extra: dict | None = None
+    ) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to(dtype).contiguous() for k, v in self.decoder.state_dict().items()}
+        with atomic_path(path / WEIGHTS_FILE) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
+        self.vocab.save(path / VOCAB_FILE)
+        config = {
+            "format_version": FORMAT_VERSION,
+            "decoder": self.decoder.config.to_json(),
+            "encoder": self.encoder.to_json(),
+            **({"extra": extra} if extra else {}),
+        }
+        atomic_write_json(path / CONFIG_FILE, config)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "cpu") -> CaptioningModel:
+        path = Path(path)
+        for name in (CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE):
+            if not (path / name).is_file():
+                raise CheckpointError(f"{path}: not a saved captioner model ({name} is missing)")
+        try:
+            config = read_json(path / CONFIG_FILE)
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path / CONFIG_FILE}: not valid JSON ({exc})") from exc
+        if config.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"{path}: unsupported format_version {config.get('format_version')}"
+            )
+        try:
+            encoder = get_spec(config["encoder"]["name"])
+            decoder_config = DecoderConfig.from_json(config["decoder"])
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(
+                f"{path / CONFIG_FILE}: incomplete model config ({exc!r})"
+            ) from exc
+        if encoder.to_json() != config["encoder"]:
+            raise CheckpointError(
+                f"{path}: saved encoder settings {config['encoder']} differ from this version's "
+                f"{encoder.to_json()}"
+            )
+        decoder = ShowAttendTellDecoder(decoder_config)
+        try:
+            state = load_file(str(path / WEIGHTS_FILE), device=device)
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"{path / WEIGHTS_FILE}: unreadable weights ({exc})") from exc
+        expected = decoder.state_dict()
+        if set(state) != set(expected):
+            raise CheckpointError(
+                f"{path}: weights do not match the config (missing "
+                f"{sorted(set(expected) - set(state))}, "
+                f"unexpected {sorted(set(state) - set(expected))})"
+            )
+        for key, value in state.items():
+            if value.shape != expected[key].shape:
+                raise CheckpointError(
+                    f"{path}: {key} has shape {tuple(value.shape)}, expected "
+                    f"{tuple(expected[key].shape)}"
+                )
+        decoder.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+        decoder.to(device).eval()
+        try:
+            vocab = Vocabulary.load(path / VOCAB_FILE)
+        except VocabularyError as exc:
+            raise CheckpointError(f"{path}: {exc}") from exc
+        return cls(decoder, vocab, encoder)

@@ -1,0 +1,1 @@
+"""Training: config, length-bucketed batches, the loop, checkpoints, torchrun support."""

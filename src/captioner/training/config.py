@@ -1,0 +1,93 @@
+"""Every training setting, with its default and help text; saved as train_config.json."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from captioner.errors import ConfigError
+
+
+def _f(default, help: str):  # noqa: A002 - mirrors argparse's name
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data_dir: str | None = _f(None, "raw dataset folder; prepared into --work-dir when needed")
+    work_dir: str = _f("work/flickr8k", "prepared data + feature caches")
+    run_dir: str = _f("runs/flickr8k", "checkpoints, metrics.csv, curves.png, best/ model")
+    num_words: int = _f(5000, "vocabulary: keep at most this many words (0 = no limit)")
+    min_count: int = _f(5, "vocabulary: drop words seen fewer times in training captions")
+    max_caption_length: int = _f(30, "training captions are cut to this many words")
+    # features
+    encoder: str = _f("efficientnet-lite0", "image encoder (efficientnet-lite0/1/2)")
+    backend: str = _f("auto", "feature extraction backend: auto, onnx or torch")
+    augment_views: int = _f(0, "extra augmented feature views per training image")
+    augment_strength: str = _f("medium", "augmentation strength: light, medium or strong")
+    # model
+    cell: str = _f("gru", "recurrent cell: gru (original project) or lstm (Show-Attend-Tell)")
+    embed_dim: int = _f(512, "word embedding size")
+    hidden_dim: int = _f(512, "recurrent state size")
+    attention_dim: int = _f(512, "attention space size")
+    context_dim: int = _f(512, "image features are projected to this size")
+    dropout: float = _f(0.3, "dropout on embeddings, features and the output layer")
+    # optimisation
+    epochs: int = _f(10, "passes over the training captions")
+    batch_size: int = _f(
+        150, "captions per batch (whole images: all of an image's captions go together)"
+    )
+    lr: float = _f(1e-3, "peak learning rate (Adam)")
+    min_lr: float = _f(5e-5, "learning rate at the end of the cosine decay")
+    warmup_steps: int = _f(200, "linear learning-rate warm-up steps")
+    weight_decay: float = _f(0.0, "Adam weight decay (decoupled, AdamW)")
+    grad_clip: float = _f(5.0, "clip the gradient norm to this (0 = off)")
+    alpha_c: float = _f(1.0, "doubly stochastic attention regularisation weight")
+    label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy")
+    seed: int = _f(0, "random seed (batches, dropout, augmentation)")
+    threads: int = _f(0, "torch CPU threads (0 = all cores)")
+    max_steps: int = _f(0, "stop after this many optimizer steps in total (0 = no limit)")
+    # checkpoints and selection
+    checkpoint_every: int = _f(500, "also checkpoint every N steps inside an epoch")
+    keep_last: int = _f(3, "checkpoints kept (the best model is kept apart)")
+    select_metric: str = _f("CIDEr-D", "dev metric for best-model selection: CIDEr-D or BLEU-4")
+    patience: int = _f(4, "stop after this many epochs without a better dev score (0 = never)")
+    val_images: int = _f(0, "dev images decoded each epoch (0 = all)")
+    val_max_length: int = _f(20, "longest caption decoded at validation")
+
+    # settings that may change between a run and its resumption
+    RESUMABLE_CHANGES = ("epochs", "threads", "patience", "data_dir", "max_steps")
+
+    def __post_init__(self) -> None:
+        if self.cell not in ("gru", "lstm"):
+            raise ConfigError(f"--cell must be gru or lstm, not {self.cell!r}")
+        if self.select_metric not in ("CIDEr-D", "BLEU-4"):
+            raise ConfigError(
+                f"--select-metric must be CIDEr-D or BLEU-4, not {self.select_metric!r}"
+            )
+        if self.augment_strength not in ("light", "medium", "strong"):
+            raise ConfigError("--augment-strength must be light, medium or strong")
+        for name in ("epochs", "batch_size", "checkpoint_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError("need 0 <= --min-lr <= --lr and --lr > 0")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown training settings: {sorted(unknown)}")
+        return cls(**data)
+
+    def differences(self, other: TrainConfig) -> list[str]:
+        return [
+            f.name
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+            and f.name not in self.RESUMABLE_CHANGES
+        ]

@@ -1,0 +1,351 @@
+"""`captioner train`: one straight loop over cached features, resumable at any step."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from captioner.data.prepare import PreparedData, PrepareSettings, prepare
+from captioner.errors import ConfigError, DataError
+from captioner.features.encoders import get_spec
+from captioner.features.pipeline import ensure_features, load_features
+from captioner.io import atomic_write_json, atomic_write_text, read_json
+from captioner.model.captioning_model import CaptioningModel
+from captioner.model.config import DecoderConfig
+from captioner.model.decoder import ShowAttendTellDecoder, masked_caption_loss
+from captioner.training.batching import build_samples, image_batches
+from captioner.training.checkpoint import resume_latest, save_checkpoint
+from captioner.training.config import TrainConfig
+from captioner.training.distributed import DistContext, broadcast_flag, init_distributed, shutdown
+
+METRIC_COLUMNS = ["epoch", "step", "train_loss", "val_BLEU-4", "val_CIDEr-D", "lr", "seconds"]
+
+
+def get_lr(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay from lr to min_lr (a pure function of the step)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def prepare_data(cfg: TrainConfig, log=print) -> PreparedData:
+    """Run `prepare` when its outputs are missing, as the original train.py did."""
+    work = Path(cfg.work_dir)
+    if (work / "dataset.json").is_file() and cfg.data_dir is None:
+        return PreparedData.load(work)
+    if cfg.data_dir is None:
+        raise DataError(f"{work} is not prepared yet: pass --data-dir with the raw dataset")
+    log(f"preparing {cfg.data_dir} into {work}")
+    return prepare(
+        cfg.data_dir,
+        work,
+        PrepareSettings(num_words=cfg.num_words or None, min_count=cfg.min_count),
+    )
+
+
+def _settings_file(run_dir: Path, cfg: TrainConfig, restart: bool) -> None:
+    path = run_dir / "train_config.json"
+    if path.is_file() and not restart:
+        saved = TrainConfig.from_json(read_json(path))
+        changed = cfg.differences(saved)
+        if changed:
+            raise ConfigError(
+                f"{run_dir} holds a run with other settings ({', '.join(changed)}); resume it with "
+                "the same settings, pick another --run-dir, or pass --restart to start over"
+            )
+    atomic_write_json(path, cfg.to_json())
+
+
+def validate(
+    decoder,
+    features: torch.Tensor,
+    names: list[str],
+    captions: dict,
+    vocab,
+    max_length: int,
+    batch_size: int = 200,
+) -> dict[str, float]:
+    """Free-running greedy decoding of dev images, scored against their references."""
+    from captioner.decoding import greedy_decode
+    from captioner.evaluation.metrics import score_captions
+
+    decoder.eval()
+    predictions = {}
+    with torch.inference_mode():
+        for start in range(0, len(names), batch_size):
+            batch = features[start : start + batch_size].float()
+            for name, result in zip(
+                names[start : start + batch_size],
+                greedy_decode(decoder, batch, max_length=max_length),
+            ):
+                predictions[name] = vocab.decode(result.token_ids)
+    decoder.train()
+    scores = score_captions({n: captions[n] for n in names}, predictions, use_java=False)
+    return {"BLEU-4": scores["BLEU-4"], "CIDEr-D": scores["CIDEr-D"]}
+
+
+def write_metrics(run_dir: Path, history: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS)
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(run_dir / "metrics.csv", buffer.getvalue())
+    if history:
+        from captioner.viz.curves import plot_training_curves
+
+        plot_training_curves(history, run_dir / "curves.png")
+
+
+def train(cfg: TrainConfig, restart: bool = False, log=print) -> Path:
+    """Train (or resume) a run; return the directory of the best model."""
+    ctx = init_distributed()
+    try:
+        return _train(cfg, ctx, restart, log if ctx.is_main else (lambda *a, **k: None))
+    finally:
+        shutdown(ctx)
+
+
+def _train(cfg: TrainConfig, ctx: DistContext, restart: bool, log) -> Path:
+    run_dir = Path(cfg.run_dir)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    # data + features: rank 0 builds them, the others wait and then read them
+    if ctx.is_main:
+        prepared = prepare_data(cfg, log)
+        cache_dirs = ensure_features(
+            prepared,
+            cfg.encoder,
+            backend=cfg.backend,
+            augment_views=cfg.augment_views,
+            augment_strength=cfg.augment_strength,
+            augment_seed=cfg.seed,
+        )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _settings_file(run_dir, cfg, restart)
+    ctx.barrier()
+    if not ctx.is_main:
+        prepared = PreparedData.load(cfg.work_dir)
+        cache_dirs = ensure_features(
+            prepared,
+            cfg.encoder,
+            augment_views=cfg.augment_views,
+            augment_strength=cfg.augment_strength,
+            augment_seed=cfg.seed,
+            progress=False,
+        )
+    vocab, captions, splits = prepared.vocab, prepared.captions, prepared.splits
+    spec = get_spec(cfg.encoder)
+    views = load_features(cache_dirs)
+    names0, feats0 = views[0]
+    row0 = {n: i for i, n in enumerate(names0)}
+    train_rows = torch.tensor([row0[n] for n in splits.train])
+    # (V, N_train, P, C) fp16: view 0 plus the augmented views, all in training-list order
+    train_views = [feats0[train_rows]]
+    for view in range(1, cfg.augment_views + 1):
+        names_v, feats_v = views[view]
+        if names_v != splits.train:
+            raise DataError(f"augmented view {view} does not cover the training list in order")
+        train_views.append(feats_v)
+    train_feats = torch.stack(train_views)
+    del views, train_views
+    samples = build_samples(splits.train, captions, vocab, cfg.max_caption_length)
+    captions_per_image = max(1, round(len(samples.lengths) / max(1, samples.num_images)))
+    images_per_batch = max(1, cfg.batch_size // captions_per_image)
+    val_names = splits.val[: cfg.val_images] if cfg.val_images else splits.val
+    if not val_names:
+        raise DataError("the dev split is empty: validation needs dev images")
+    val_feats = feats0[torch.tensor([row0[n] for n in val_names])]
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    dcfg = DecoderConfig(
+        vocab_size=len(vocab),
+        feature_dim=spec.channels,
+        num_pixels=spec.num_pixels,
+        cell=cfg.cell,
+        embed_dim=cfg.embed_dim,
+        hidden_dim=cfg.hidden_dim,
+        attention_dim=cfg.attention_dim,
+        context_dim=cfg.context_dim,
+        dropout=cfg.dropout,
+    )
+    decoder = ShowAttendTellDecoder(dcfg)
+    model = decoder
+    if ctx.enabled:
+        model = torch.nn.parallel.DistributedDataParallel(decoder)
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    batches_per_epoch = len(
+        image_batches(samples.num_images, images_per_batch, cfg.seed, 0, ctx.rank, ctx.world_size)
+    )
+    total_steps = batches_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+
+    state = {
+        "epoch": 0,
+        "batch": 0,
+        "step": 0,
+        "history": [],
+        "best": None,
+        "bad_epochs": 0,
+        "seconds": 0.0,
+    }
+    ckpt_root = run_dir / "checkpoints"
+    resumed = None if restart else resume_latest(ckpt_root, decoder, optimizer, log)
+    if resumed:
+        state.update(resumed)
+    if ctx.enabled:  # every rank starts from rank 0's weights
+        for p in decoder.state_dict().values():
+            torch.distributed.broadcast(p, src=0)
+
+    def checkpoint():
+        if ctx.is_main:
+            save_checkpoint(
+                ckpt_root,
+                state["step"],
+                decoder,
+                optimizer,
+                {k: v for k, v in state.items() if k != "step"},
+                cfg.keep_last,
+            )
+
+    log(
+        f"training {dcfg.cell.upper()} decoder: {sum(p.numel() for p in decoder.parameters()):,} "
+        f"parameters, {len(samples.lengths):,} captions, {batches_per_epoch} batches/epoch"
+        + (f", {ctx.world_size} processes" if ctx.enabled else "")
+    )
+    stop = state["epoch"] >= cfg.epochs or (cfg.max_steps and state["step"] >= cfg.max_steps)
+    decoder.train()
+    while not stop:
+        epoch = state["epoch"]
+        batches = image_batches(
+            samples.num_images, images_per_batch, cfg.seed, epoch, ctx.rank, ctx.world_size
+        )
+        view_gen = torch.Generator().manual_seed(cfg.seed * 7 + epoch)
+        view_choice = torch.randint(
+            0, train_feats.size(0), (samples.num_images,), generator=view_gen
+        )  # which view of each image this epoch
+        bar = tqdm(
+            total=len(batches),
+            initial=state["batch"],
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            unit="batch",
+            disable=not ctx.is_main,
+        )
+        loss_sum, loss_count, seen, t0 = 0.0, 0, 0, time.perf_counter()
+        for b in range(state["batch"], len(batches)):
+            images = batches[b]  # (I,)
+            idx, image_pos = samples.for_images(images)  # (B,), (B,)
+            lengths = samples.lengths[idx]
+            tokens = samples.tokens[idx, : int(lengths.max())]  # (B, L)
+            feats = train_feats[view_choice[images], images].float()  # (I, P, C)
+            for group in optimizer.param_groups:
+                group["lr"] = get_lr(state["step"], total_steps, cfg)
+            out = model(feats, tokens, lengths, image_pos)
+            loss, ce = masked_caption_loss(out, cfg.alpha_c, cfg.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.grad_clip)
+            optimizer.step()
+            state["step"] += 1
+            state["batch"] = b + 1
+            loss_sum += float(ce) * len(idx)
+            loss_count += len(idx)
+            seen += len(idx)
+            elapsed = time.perf_counter() - t0
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{loss_sum / loss_count:.3f}",
+                caps_s=f"{seen * ctx.world_size / max(elapsed, 1e-9):.0f}",
+            )
+            if cfg.max_steps and state["step"] >= cfg.max_steps:
+                break
+            if state["step"] % cfg.checkpoint_every == 0 and b + 1 < len(batches):
+                state["seconds"] += time.perf_counter() - t0
+                t0, seen = time.perf_counter(), 0
+                checkpoint()
+        bar.close()
+        state["seconds"] += time.perf_counter() - t0
+        epoch_done = state["batch"] >= len(batches)
+        if not epoch_done:  # stopped by --max-steps inside an epoch
+            checkpoint()
+            break
+        # end of epoch: free-running validation on rank 0, selection, early stopping
+        improved = False
+        if ctx.is_main:
+            scores = validate(decoder, val_feats, val_names, captions, vocab, cfg.val_max_length)
+            row = {
+                "epoch": epoch + 1,
+                "step": state["step"],
+                "train_loss": round(loss_sum / max(loss_count, 1), 4),
+                "val_BLEU-4": round(scores["BLEU-4"], 2),
+                "val_CIDEr-D": round(scores["CIDEr-D"], 2),
+                "lr": f"{get_lr(state['step'], total_steps, cfg):.2e}",
+                "seconds": round(state["seconds"], 1),
+            }
+            state["history"].append(row)
+            best = state["best"]
+            value = scores[cfg.select_metric]
+            improved = best is None or value > best["value"]
+            if improved:
+                state["best"] = {"epoch": epoch + 1, "value": value, "metric": cfg.select_metric}
+                state["bad_epochs"] = 0
+                CaptioningModel(decoder, vocab, spec).save_pretrained(
+                    run_dir / "best",
+                    extra={"dev": {**scores, "epoch": epoch + 1}, "train_config": cfg.to_json()},
+                )
+            else:
+                state["bad_epochs"] += 1
+            write_metrics(run_dir, state["history"])
+            log(
+                f"epoch {epoch + 1}: loss {row['train_loss']:.3f}  "
+                f"dev BLEU-4 {row['val_BLEU-4']:.2f}"
+                f"  CIDEr-D {row['val_CIDEr-D']:.2f}" + ("  (best)" if improved else "")
+            )
+        state["epoch"] = epoch + 1
+        state["batch"] = 0
+        checkpoint()
+        early = bool(cfg.patience) and state["bad_epochs"] >= cfg.patience
+        if early and ctx.is_main:
+            log(f"early stopping: no better dev {cfg.select_metric} for {cfg.patience} epochs")
+        stop = broadcast_flag(
+            early
+            or state["epoch"] >= cfg.epochs
+            or bool(cfg.max_steps and state["step"] >= cfg.max_steps),
+            ctx,
+        )
+    if ctx.enabled:
+        check_ranks_in_sync(decoder, ctx, run_dir)
+    ctx.barrier()
+    return run_dir / "best"
+
+
+def check_ranks_in_sync(decoder: torch.nn.Module, ctx: DistContext, run_dir: Path) -> None:
+    """Every rank's weights must be identical after DDP training; rank 0 records the proof."""
+    checksum = torch.stack([p.detach().double().sum() for p in decoder.parameters()]).sum()
+    gathered = [torch.zeros_like(checksum) for _ in range(ctx.world_size)]
+    torch.distributed.all_gather(gathered, checksum)
+    values = [float(v) for v in gathered]
+    if ctx.is_main:
+        atomic_write_json(
+            run_dir / "ranks.json", {"world_size": ctx.world_size, "weight_checksums": values}
+        )
+    if len(set(values)) != 1:
+        raise RuntimeError(f"DDP ranks diverged: weight checksums {values}")
+
+
+def load_run_config(run_dir: str | Path) -> TrainConfig:
+    return TrainConfig.from_json(read_json(Path(run_dir) / "train_config.json"))
+
+
+__all__ = ["TrainConfig", "train", "get_lr", "load_run_config", "replace"]

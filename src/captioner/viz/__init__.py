@@ -1,0 +1,1 @@
+"""Figures: normalization and augmentation previews, per-word attention overlays."""

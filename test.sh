@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test suite: lint, format check, then every test (Flickr8k tests skip when ../shared is absent).
+set -euo pipefail
+cd "$(dirname "$0")"
+bash scripts/setup.sh
+.venv/bin/ruff check src tests bench
+.venv/bin/ruff format --check src tests bench
+.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
