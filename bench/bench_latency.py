@@ -69,6 +69,16 @@ def print_header(title: str, threads: int) -> None:
         flush=True,
     )
 
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > 0.5 * cores:
+        print(
+            f"**warning**: load average {load:.1f} on {cores} cores before starting: other "
+            "processes are running, so absolute numbers are low and noisy (with several threads "
+            "per backend, workers also wait on descheduled peers); the interleaved ratio is "
+            "the more robust number\n",
+            flush=True,
+        )
+
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -354,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         f"\neager / ORT: **{p50[1] / p50[0]:.2f}x** at p50, {thr[0] / thr[1]:.2f}x batched "
         f"throughput; identical captions {same}/{len(ours.captions)}"
     )
-    if not isinstance(read_json(Path(model_path) / "config.json").get("extra"), dict):
+    untrained = not isinstance(read_json(Path(model_path) / "config.json").get("extra"), dict)
+    if untrained and same < len(ours.captions):
         print(
             "(an untrained decoder's near-uniform logits let tiny numeric differences between "
             "the backends change words; a trained model gives (nearly) identical captions)"

@@ -83,6 +83,16 @@ def print_header(title: str, threads: int) -> None:
         flush=True,
     )
 
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > 0.5 * cores:
+        print(
+            f"**warning**: load average {load:.1f} on {cores} cores before starting: other "
+            "processes are running, so absolute numbers are low and noisy (with several threads "
+            "per backend, workers also wait on descheduled peers); the interleaved ratio is "
+            "the more robust number\n",
+            flush=True,
+        )
+
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]

@@ -7,6 +7,13 @@ print(result.caption)
 
 from __future__ import annotations
 
+import os
+
+# On a small shared CPU, OpenMP threads that spin while waiting starve every other process (and
+# each other): measured here, two concurrent trainings ran 2x faster in total with PASSIVE.
+# Set before torch is imported; a user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 __version__ = "0.1.0"
 __all__ = ["Captioner", "CaptionResult", "__version__"]
 

@@ -102,13 +102,15 @@ class Captioner:
     def caption(
         self,
         images: ImageInput | Sequence[ImageInput],
-        beam_size: int = 3,
-        max_length: int = 20,
+        beam_size: int | None = None,
+        max_length: int | None = None,
         return_attention: bool = True,
-        length_penalty: float = 1.0,
-        suppress_unk: bool = True,
+        length_penalty: float | None = None,
+        suppress_unk: bool | None = None,
     ) -> list[CaptionResult]:
-        """Caption one image or many (paths, bytes, PIL images or RGB arrays); one result each."""
+        """Caption one image or many (paths, bytes, PIL images or RGB arrays); one result each.
+
+        Decoding settings left as None come from the model's generation_config.json."""
         if isinstance(images, (str, os.PathLike, bytes, np.ndarray)) or not isinstance(
             images, Sequence
         ):
@@ -128,14 +130,20 @@ class Captioner:
     def caption_features(
         self,
         features: torch.Tensor,
-        beam_size: int = 3,
-        max_length: int = 20,
+        beam_size: int | None = None,
+        max_length: int | None = None,
         return_attention: bool = True,
-        length_penalty: float = 1.0,
-        suppress_unk: bool = True,
+        length_penalty: float | None = None,
+        suppress_unk: bool | None = None,
     ) -> list[CaptionResult]:
         """Decode precomputed encoder grids (B, P, C), e.g. from the feature cache."""
         from captioner.decoding import beam_search, greedy_decode
+
+        g = self.model.generation
+        beam_size = g["beam_size"] if beam_size is None else beam_size
+        max_length = g["max_length"] if max_length is None else max_length
+        length_penalty = g["length_penalty"] if length_penalty is None else length_penalty
+        suppress_unk = g["suppress_unk"] if suppress_unk is None else suppress_unk
 
         if not 1 <= beam_size <= 20:
             raise ConfigError(f"beam_size must be between 1 and 20, got {beam_size}")
@@ -169,11 +177,11 @@ class Captioner:
                     suppress_unk=suppress_unk,
                     **ids,
                 )
-        g = self.grid_size
+        side = self.grid_size
         results = []
         for d in decoded:
             tokens = [self.vocab.itos[i] for i in d.token_ids]
-            attention = d.alphas.reshape(len(tokens), g, g) if return_attention else None
+            attention = d.alphas.reshape(len(tokens), side, side) if return_attention else None
             results.append(
                 CaptionResult(
                     " ".join(tokens),

@@ -88,7 +88,9 @@ def caption_cmd(
         help="image files, folders of images, or glob patterns such as 'photos/*.jpg'",
     ),
     model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
-    beam_size: int = typer.Option(3, min=1, max=20, help="beam width (1 = greedy)"),
+    beam_size: int | None = typer.Option(
+        None, min=1, max=20, help="beam width (1 = greedy); default: the model's"
+    ),
     max_length: int = typer.Option(20, min=1, max=100, help="most words per caption"),
     fmt: str = typer.Option(
         "text", "--format", "-f", help="text (path<TAB>caption per line), json or csv"
@@ -177,7 +179,9 @@ def predict_cmd(
         "image of --split",
     ),
     seed: int = typer.Option(0, help="which random image (without --image)"),
-    beam_size: int = typer.Option(3, min=1, max=20, help="beam width (1 = greedy)"),
+    beam_size: int | None = typer.Option(
+        None, min=1, max=20, help="beam width (1 = greedy); default: the model's"
+    ),
     max_length: int = typer.Option(20, min=1, max=100, help="most words per caption"),
     out: Path = typer.Option(
         Path("predict.png"), "--out", "-o", help="attention figure (PNG) to write"
@@ -234,10 +238,12 @@ def evaluate_cmd(
     model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     work_dir: Path = typer.Option(Path("work/flickr8k"), "--work-dir", help=WORK_DIR_HELP),
     split: str = typer.Option("test", help="train, val or test"),
-    beam_size: int = typer.Option(3, min=1, max=20, help="beam width (1 = greedy)"),
+    beam_size: int | None = typer.Option(
+        None, min=1, max=20, help="beam width (1 = greedy); default: the model's"
+    ),
     max_length: int = typer.Option(20, min=1, max=100, help="most words per caption"),
-    length_penalty: float = typer.Option(
-        1.0, help="beam score = log-prob / length ** this (0 = no length normalisation)"
+    length_penalty: float | None = typer.Option(
+        None, help="beam score = log-prob / length ** this (0 = none); default: the model's"
     ),
     batch_size: int = typer.Option(50, min=1, max=1024, help="images per decoding batch"),
     out_dir: Path | None = typer.Option(

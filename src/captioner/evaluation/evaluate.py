@@ -65,9 +65,9 @@ def evaluate(
     model: str | os.PathLike | Captioner | None,
     work_dir: str | os.PathLike,
     split: str = "test",
-    beam_size: int = 3,
-    max_length: int = 20,
-    length_penalty: float = 1.0,
+    beam_size: int | None = None,
+    max_length: int | None = None,
+    length_penalty: float | None = None,
     batch_size: int = 50,
     use_java: bool | None = None,
     limit: int = 0,
@@ -104,6 +104,10 @@ def evaluate(
     if not names:
         raise DataError(f"the {split} split of {work_dir} has no images")
 
+    generation = captioner.model.generation  # None: the model's own decoding defaults
+    beam_size = generation["beam_size"] if beam_size is None else beam_size
+    max_length = generation["max_length"] if max_length is None else max_length
+    length_penalty = generation["length_penalty"] if length_penalty is None else length_penalty
     features = _cached_features(captioner, prepared, names) if use_cache else None
     options = dict(
         beam_size=beam_size,

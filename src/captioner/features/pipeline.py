@@ -15,9 +15,12 @@ def feature_root(prepared: PreparedData) -> Path:
 
 
 def split_images(prepared: PreparedData) -> list[str]:
-    """View 0 covers every image in a split; augmented views only the training images."""
+    """View 0 covers every captioned image (split images first); augmented views only the
+    training images."""
     s = prepared.splits
-    return s.train + s.val + s.test
+    in_splits = s.train + s.val + s.test
+    seen = set(in_splits)
+    return in_splits + [name for name in prepared.captions if name not in seen]
 
 
 def ensure_features(

@@ -20,13 +20,21 @@ from captioner.model.config import DecoderConfig
 from captioner.model.decoder import ShowAttendTellDecoder
 
 CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE = "config.json", "vocab.json", "model.safetensors"
+GENERATION_FILE = "generation_config.json"  # decoding defaults, chosen on the dev split
+DEFAULT_GENERATION = {"beam_size": 3, "max_length": 20, "length_penalty": 1.0, "suppress_unk": True}
 FORMAT_VERSION = 1
 
 
 class CaptioningModel:
     """Decoder + vocabulary + the encoder spec its features came from."""
 
-    def __init__(self, decoder: ShowAttendTellDecoder, vocab: Vocabulary, encoder: EncoderSpec):
+    def __init__(
+        self,
+        decoder: ShowAttendTellDecoder,
+        vocab: Vocabulary,
+        encoder: EncoderSpec,
+        generation: dict | None = None,
+    ):
         if decoder.config.vocab_size != len(vocab):
             raise ConfigError(
                 f"decoder vocab_size {decoder.config.vocab_size} != vocabulary size {len(vocab)}"
@@ -36,9 +44,13 @@ class CaptioningModel:
                 f"decoder feature_dim {decoder.config.feature_dim} != {encoder.name} channels "
                 f"{encoder.channels}"
             )
+        unknown = set(generation or {}) - set(DEFAULT_GENERATION)
+        if unknown:
+            raise ConfigError(f"unknown generation settings: {sorted(unknown)}")
         self.decoder = decoder
         self.vocab = vocab
         self.encoder = encoder
+        self.generation = {**DEFAULT_GENERATION, **(generation or {})}
 
     def save_pretrained(
         self, path: str | Path, dtype: torch.dtype = torch.float32, extra: dict | None = None
@@ -56,6 +68,7 @@ class CaptioningModel:
             **({"extra": extra} if extra else {}),
         }
         atomic_write_json(path / CONFIG_FILE, config)
+        atomic_write_json(path / GENERATION_FILE, self.generation)
         return path
 
     @classmethod
@@ -108,4 +121,10 @@ class CaptioningModel:
             vocab = Vocabulary.load(path / VOCAB_FILE)
         except VocabularyError as exc:
             raise CheckpointError(f"{path}: {exc}") from exc
-        return cls(decoder, vocab, encoder)
+        generation = None
+        if (path / GENERATION_FILE).is_file():
+            try:
+                generation = read_json(path / GENERATION_FILE)
+            except json.JSONDecodeError as exc:
+                raise CheckpointError(f"{path / GENERATION_FILE}: not valid JSON ({exc})") from exc
+        return cls(decoder, vocab, encoder, generation)

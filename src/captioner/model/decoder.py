@@ -145,7 +145,10 @@ class ShowAttendTellDecoder(nn.Module):
         memory: Memory = (feats[rows], keys[rows])  # (B, P, D), (B, P, A)
         state = tuple(s[rows] for s in state)
         embedded = self.dropout(self.embedding(captions[:, :T]))  # (B, T, E)
-        x_embed = self.w_embed(embedded)  # (B, T, G*H), one matmul for all steps
+        # one matmul for all steps; unbind once (per-step indexing would make backward build a
+        # zero-filled (B, T, .) gradient for every step)
+        x_steps = self.w_embed(embedded).transpose(0, 1).unbind(0)  # T x (B, G*H)
+        emb_steps = embedded.transpose(0, 1).unbind(0)  # T x (B, E)
         # active[t] = how many (sorted) captions still predict a token at step t
         active = (steps_sorted.unsqueeze(0) > torch.arange(T).unsqueeze(1)).sum(1).tolist()
         hs, contexts, embeds, targets, alphas = [], [], [], [], []
@@ -158,10 +161,10 @@ class ShowAttendTellDecoder(nn.Module):
                 m = n
                 state = tuple(s[:m] for s in state)
                 memory = (memory[0][:m], memory[1][:m])
-            state, context, alpha = self._cell(x_embed[:m, t], state, memory)
+            state, context, alpha = self._cell(x_steps[t][:m], state, memory)
             hs.append(state[0][:n])
             contexts.append(context[:n])
-            embeds.append(embedded[:n, t])
+            embeds.append(emb_steps[t][:n])
             targets.append(captions[:n, t + 1])
             alphas.append(alpha[:n])
         logits = self._output(torch.cat(embeds), torch.cat(hs), torch.cat(contexts))  # (N, V)

@@ -18,6 +18,8 @@ from captioner.features.onnx import _quiet_export, cache_root, ort_session
 from captioner.io import atomic_path
 from captioner.model.decoder import ShowAttendTellDecoder
 
+EXPORT_VERSION = 2  # bump when the exported graphs change
+
 
 class _Start(nn.Module):
     def __init__(self, decoder: ShowAttendTellDecoder):
@@ -30,12 +32,21 @@ class _Start(nn.Module):
 
 
 class _Step(nn.Module):
+    """decoder.step(), with the embedding's input projection folded into a (V, G*H) table:
+    a row lookup replaces a matmul whose cost at beam sizes is reading its weights."""
+
     def __init__(self, decoder: ShowAttendTellDecoder):
         super().__init__()
         self.decoder = decoder
+        with torch.no_grad():
+            table = decoder.w_embed(decoder.embedding.weight)  # (V, G*H)
+        self.register_buffer("embed_gates", table)
 
     def forward(self, tokens: torch.Tensor, feats: torch.Tensor, keys: torch.Tensor, *state):
-        logits, new_state, alpha = self.decoder.step(tokens, tuple(state), (feats, keys))
+        d = self.decoder
+        embedded = d.embedding(tokens)  # (B, E)
+        new_state, context, alpha = d._cell(self.embed_gates[tokens], tuple(state), (feats, keys))
+        logits = d._output(embedded, new_state[0], context)  # (B, V)
         return (logits, alpha, *new_state)
 
 
@@ -90,7 +101,11 @@ def weights_digest(decoder: ShowAttendTellDecoder) -> str:
 
 def exported_decoder_dir(decoder: ShowAttendTellDecoder) -> Path:
     """Where the ONNX files of these exact weights live (export on first use)."""
-    out_dir = cache_root() / "onnx" / f"decoder-{weights_digest(decoder)}-torch{torch.__version__}"
+    out_dir = (
+        cache_root()
+        / "onnx"
+        / (f"decoder-v{EXPORT_VERSION}-{weights_digest(decoder)}-torch{torch.__version__}")
+    )
     if not (
         (out_dir / "decoder_start.onnx").is_file() and (out_dir / "decoder_step.onnx").is_file()
     ):
