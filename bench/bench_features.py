@@ -27,78 +27,18 @@ Reference target (quiet 2-core machine): ORT >= 40 img/s and >= 5x eager.
 
 from __future__ import annotations
 
-import argparse
-import os
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = (REPO / ".." / "shared" / "data" / "flickr8k").resolve()
-DEFAULT_WORK = REPO / "work" / "flickr8k"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def print_header(title: str, threads: int) -> None:
-    import onnxruntime
-    import torch
-
-    print(f"## {title}\n")
-    print(f"command: `{shlex.join([Path(sys.executable).name, *sys.argv])}`  ")
-    print(
-        f"machine: {cpu_model()}, os.cpu_count()={os.cpu_count()}, "
-        f"load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}  "
-    )
-    print(
-        f"software: python {platform.python_version()}, torch {torch.__version__} "
-        f"(torch.get_num_threads()={torch.get_num_threads()}), onnxruntime "
-        f"{onnxruntime.__version__}; benchmark threads={threads}\n",
-        flush=True,
-    )
-
-    load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    if load > 0.5 * cores:
-        print(
-            f"**warning**: load average {load:.1f} on {cores} cores before starting: other "
-            "processes are running, so absolute numbers are low and noisy (with several threads "
-            "per backend, workers also wait on descheduled peers); the interleaved ratio is "
-            "the more robust number\n",
-            flush=True,
-        )
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as common  # noqa: E402
 
 
 def find_images(data_dir: Path, count: int) -> list[Path]:
     """The first ``count`` JPEGs of the dataset (sorted by name); exits with a message if none."""
-    if not data_dir.is_dir():
-        sys.exit(
-            f"error: data directory not found: {data_dir}\n"
-            "pass --data-dir pointing at Flickr8k (images/*.jpg + captions.txt)"
-        )
-    from captioner.data.prepare import find_images_dir
-    from captioner.errors import DataError
-
-    try:
-        images_dir = find_images_dir(data_dir)
-    except DataError as exc:
-        sys.exit(f"error: {exc}")
-    paths = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+    images_dir = common.dataset_images_dir(data_dir)
+    paths = common.jpegs(images_dir)
     if len(paths) < count:
         sys.exit(f"error: {images_dir} has {len(paths)} JPEGs, --images asks for {count}")
     return paths[:count]
@@ -148,19 +88,11 @@ class Backend:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument(
-        "--data-dir",
-        type=Path,
-        default=DEFAULT_DATA,
-        help=f"Flickr8k folder with images/*.jpg (default: {DEFAULT_DATA})",
-    )
-    p.add_argument(
-        "--work-dir",
-        type=Path,
-        default=DEFAULT_WORK,
-        help="prepared work dir; not needed here, accepted so every bench script "
-        f"takes the same flags (default: {DEFAULT_WORK})",
+    p = common.new_parser(__doc__)
+    common.add_dir_args(
+        p,
+        work_help="prepared work dir; not needed here, accepted so every bench script "
+        "takes the same flags",
     )
     p.add_argument("--encoder", default="efficientnet-lite0", help="encoder name")
     p.add_argument("--images", type=int, default=512, help="timed images per backend (512)")
@@ -179,14 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.images < 1 or args.batch_size < 1 or args.threads < 1:
         p.error("--images, --batch-size and --threads must be positive")
 
-    sys.path.insert(0, str(REPO / "src"))
+    common.use_src()
     import numpy as np
     import torch
 
     from captioner.features.onnx import FeatureExtractor
 
     torch.set_num_threads(args.threads)
-    print_header("Feature extraction: ONNX Runtime vs PyTorch eager", args.threads)
+    common.print_header("Feature extraction: ONNX Runtime vs PyTorch eager", args.threads)
     warm = find_images(args.data_dir, args.images + args.batch_size)
     warmup, paths = warm[: args.batch_size], warm[args.batch_size :]
     batches = [paths[i : i + args.batch_size] for i in range(0, len(paths), args.batch_size)]
@@ -221,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             backend.timed(batch)
 
     print(
-        markdown_table(
+        common.markdown_table(
             ["backend", "images", "seconds", "decode+preprocess s", "encoder s", "img/s"],
             [ort.row(), eager.row()],
         )
@@ -230,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     enc = eager.encode_s / ort.encode_s
     print(
         f"\nORT / eager: **{speed:.2f}x** img/s end to end ({enc:.2f}x on the encoder alone); "
-        f"load average now {', '.join(f'{x:.2f}' for x in os.getloadavg())}"
+        f"load average now {common.load_average()}"
     )
     target = ort.images / ort.seconds >= 40 and speed >= 5
     print(f"target ORT >= 40 img/s and >= 5x eager: {'met' if target else 'not met'}")

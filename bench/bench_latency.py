@@ -29,86 +29,26 @@ Reference target (quiet 2-core machine): ORT p50 <= 60 ms at beam 3, and >= 3x e
 
 from __future__ import annotations
 
-import argparse
-import os
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = (REPO / ".." / "shared" / "data" / "flickr8k").resolve()
-DEFAULT_WORK = REPO / "work" / "flickr8k"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def print_header(title: str, threads: int) -> None:
-    import onnxruntime
-    import torch
-
-    print(f"## {title}\n")
-    print(f"command: `{shlex.join([Path(sys.executable).name, *sys.argv])}`  ")
-    print(
-        f"machine: {cpu_model()}, os.cpu_count()={os.cpu_count()}, "
-        f"load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}  "
-    )
-    print(
-        f"software: python {platform.python_version()}, torch {torch.__version__} "
-        f"(torch.get_num_threads()={torch.get_num_threads()}), onnxruntime "
-        f"{onnxruntime.__version__}; benchmark threads={threads}\n",
-        flush=True,
-    )
-
-    load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    if load > 0.5 * cores:
-        print(
-            f"**warning**: load average {load:.1f} on {cores} cores before starting: other "
-            "processes are running, so absolute numbers are low and noisy (with several threads "
-            "per backend, workers also wait on descheduled peers); the interleaved ratio is "
-            "the more robust number\n",
-            flush=True,
-        )
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as common  # noqa: E402
 
 
 def find_images(data_dir: Path, work_dir: Path, count: int) -> tuple[list[Path], str]:
     """``count`` JPEGs: the prepared test split if there is one, else the first by name."""
-    if not data_dir.is_dir():
-        sys.exit(
-            f"error: data directory not found: {data_dir}\n"
-            "pass --data-dir pointing at Flickr8k (images/*.jpg + captions.txt)"
-        )
-    from captioner.data.prepare import PreparedData, find_images_dir
-    from captioner.errors import DataError
+    images_dir = common.dataset_images_dir(data_dir)
+    from captioner.data.prepare import PreparedData
 
-    try:
-        images_dir = find_images_dir(data_dir)
-    except DataError as exc:
-        sys.exit(f"error: {exc}")
     source = f"first {count} images by name in {images_dir}"
     names: list[str] = []
     if (work_dir / "dataset.json").is_file():
         names = [n for n in PreparedData.load(work_dir).splits.test if (images_dir / n).is_file()]
         source = f"first {count} test-split images of {work_dir}, from {images_dir}"
     if len(names) < count:
-        names = sorted(
-            p.name for p in images_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg")
-        )
+        names = [p.name for p in common.jpegs(images_dir)]
         source = f"first {count} images by name in {images_dir}"
     if len(names) < count:
         sys.exit(f"error: {images_dir} has {len(names)} JPEGs, {count} are needed")
@@ -205,19 +145,11 @@ class Backend:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument(
-        "--data-dir",
-        type=Path,
-        default=DEFAULT_DATA,
-        help=f"Flickr8k folder with images/*.jpg (default: {DEFAULT_DATA})",
-    )
-    p.add_argument(
-        "--work-dir",
-        type=Path,
-        default=DEFAULT_WORK,
-        help="prepared work dir: its test split picks the images, its vocabulary "
-        f"makes --random-model (default: {DEFAULT_WORK})",
+    p = common.new_parser(__doc__)
+    common.add_dir_args(
+        p,
+        work_help="prepared work dir: its test split picks the images, its vocabulary "
+        "makes --random-model",
     )
     p.add_argument(
         "--model", default=None, help="saved model directory (default: the bundled model)"
@@ -267,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--images, --batch-size, --threads and --beam must be positive")
     batches = args.batches or max(1, args.images // args.batch_size)
 
-    sys.path.insert(0, str(REPO / "src"))
+    common.use_src()
     import numpy as np
     import torch
 
@@ -277,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     from captioner.model.captioning_model import CaptioningModel
 
     torch.set_num_threads(args.threads)
-    print_header("Captioning latency: ONNX Runtime path vs PyTorch eager path", args.threads)
+    common.print_header("Captioning latency: ONNX Runtime path vs PyTorch eager path", args.threads)
     if args.random_model is not None and args.model is not None:
         p.error("pass --model or --random-model, not both")
     try:
@@ -343,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             ]
         )
     print(
-        markdown_table(
+        common.markdown_table(
             [
                 "path",
                 "images",
@@ -382,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             stage_rows.append([backend.label, *(f"{x:.1f}" for x in med), f"{med.sum():.1f}"])
         print(f"\nper stage, median over {args.breakdown} images (ms):\n")
         print(
-            markdown_table(
+            common.markdown_table(
                 [
                     "path",
                     "read+decode+preprocess",
@@ -394,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
 
-    print(f"\nload average now {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"\nload average now {common.load_average()}")
     met = p50[0] * 1000 <= 60 and p50[1] / p50[0] >= 3
     print(
         f"target ORT p50 <= 60 ms at beam {args.beam} and >= 3x eager: "

@@ -12,7 +12,6 @@ req/s, p50/p95/p99 latency, errors, and the mean batch size the server actually 
 
 from __future__ import annotations
 
-import argparse
 import io
 import socket
 import sys
@@ -25,7 +24,8 @@ import httpx
 import numpy as np
 from PIL import Image, ImageDraw
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as common  # noqa: E402
 
 
 @dataclass
@@ -186,7 +186,7 @@ def ints(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = common.new_parser(__doc__)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="saved model directory for Captioner.from_pretrained")
     source.add_argument("--default-model", action="store_true", help="the bundled model")
@@ -207,11 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attention", action="store_true", help="ask for attention grids too")
     args = p.parse_args(argv)
 
-    sys.path.insert(0, str(REPO / "src"))
+    common.use_src()
     from captioner.web.app import ServeSettings
 
     if args.fake:
-        sys.path.insert(0, str(REPO / "tests"))
+        sys.path.insert(0, str(common.REPO / "tests"))
         from web_fakes import FakeCaptioner
 
         captioner = FakeCaptioner(

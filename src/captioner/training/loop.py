@@ -21,7 +21,7 @@ from captioner.io import atomic_write_json, atomic_write_text, read_json
 from captioner.model.captioning_model import CaptioningModel
 from captioner.model.config import DecoderConfig
 from captioner.model.decoder import ShowAttendTellDecoder, masked_caption_loss
-from captioner.training.batching import build_samples, image_batches
+from captioner.training.batching import CaptionSamples, build_samples, image_batches
 from captioner.training.checkpoint import resume_latest, save_checkpoint
 from captioner.training.config import TrainConfig
 from captioner.training.distributed import DistContext, broadcast_flag, init_distributed, shutdown
@@ -35,6 +35,29 @@ def get_lr(step: int, total_steps: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    feats: torch.Tensor,
+    samples: CaptionSamples,
+    images: torch.Tensor,
+    cfg: TrainConfig,
+) -> tuple[float, torch.Tensor]:
+    """One optimizer step on every caption of ``images`` (rows of ``feats`` (I, P, C)).
+    Returns (cross-entropy, the caption rows used). The benchmark times exactly this."""
+    idx, image_pos = samples.for_images(images)  # (B,), (B,)
+    lengths = samples.lengths[idx]  # (B,)
+    tokens = samples.tokens[idx, : int(lengths.max())]  # (B, L)
+    out = model(feats, tokens, lengths, image_pos)
+    loss, ce = masked_caption_loss(out, cfg.alpha_c, cfg.label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    return float(ce), idx
 
 
 def prepare_data(cfg: TrainConfig, log=print) -> PreparedData:
@@ -244,19 +267,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, restart: bool, log) -> Path:
         loss_sum, loss_count, seen, t0 = 0.0, 0, 0, time.perf_counter()
         for b in range(state["batch"], len(batches)):
             images = batches[b]  # (I,)
-            idx, image_pos = samples.for_images(images)  # (B,), (B,)
-            lengths = samples.lengths[idx]
-            tokens = samples.tokens[idx, : int(lengths.max())]  # (B, L)
             feats = train_feats[view_choice[images], images].float()  # (I, P, C)
             for group in optimizer.param_groups:
                 group["lr"] = get_lr(state["step"], total_steps, cfg)
-            out = model(feats, tokens, lengths, image_pos)
-            loss, ce = masked_caption_loss(out, cfg.alpha_c, cfg.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.grad_clip)
-            optimizer.step()
+            ce, idx = train_step(model, optimizer, feats, samples, images, cfg)
             state["step"] += 1
             state["batch"] = b + 1
             loss_sum += float(ce) * len(idx)
