@@ -27,7 +27,7 @@ from captioner.features.cache import (
     load_cache,
     view_seed,
 )
-from captioner.features.encoders import ENCODERS, get_spec, preprocess
+from captioner.features.encoders import ENCODERS, build_encoder, get_spec, preprocess
 from captioner.features.onnx import FeatureExtractor, export_encoder
 from captioner.features.pipeline import ensure_features, load_features
 
@@ -101,6 +101,17 @@ def manifest(cache_dir: Path) -> dict:
 
 
 # ---- encoder specs and preprocessing -------------------------------------------------------
+def test_encoder_keeps_the_lite_relu6_activations():
+    """Lite models use ReLU6; swapping in Swish (revision 1's bug) degrades the features."""
+    encoder = build_encoder(ENCODER)
+    activations = {type(m).__name__ for m in encoder.modules()}
+    assert "ReLU6" in activations
+    assert not {"Swish", "MemoryEfficientSwish"} & activations
+    with torch.no_grad():
+        grid = encoder(torch.randn(1, 3, 224, 224) * 3)
+    assert float(grid.min()) >= 0.0 and float(grid.max()) <= 6.0
+
+
 def test_encoder_specs():
     spec = get_spec(ENCODER)
     assert (spec.image_size, spec.channels, spec.grid, spec.num_pixels) == (224, 1280, 7, 49)
@@ -113,6 +124,7 @@ def test_encoder_specs():
         "channels": 1280,
         "mean": 127.0,
         "std": 128.0,
+        "revision": 2,
     }
     assert set(ENCODERS) == {"efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"}
     with pytest.raises(ConfigError, match="unknown encoder 'resnet'"):

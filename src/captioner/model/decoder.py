@@ -56,7 +56,8 @@ class ShowAttendTellDecoder(nn.Module):
         c = config
         gates = 3 if c.cell == "gru" else 4
         self.num_gates = gates
-        # LayerNorm first: raw grids reach ~50 and would saturate tanh/attention from step one
+        # LayerNorm first: raw grids are unnormalised (channel scales differ by ~100x), which
+        # would saturate tanh and attention from the first step
         self.feat_proj = nn.Sequential(
             nn.LayerNorm(c.feature_dim), nn.Linear(c.feature_dim, c.context_dim), nn.ReLU()
         )

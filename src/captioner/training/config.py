@@ -33,9 +33,9 @@ class TrainConfig:
     context_dim: int = _f(512, "image features are projected to this size")
     dropout: float = _f(0.3, "dropout on embeddings, features and the output layer")
     # optimisation
-    epochs: int = _f(10, "passes over the training captions")
+    epochs: int = _f(6, "passes over the training captions")
     batch_size: int = _f(
-        150, "captions per batch (whole images: all of an image's captions go together)"
+        100, "captions per batch (whole images: all of an image's captions go together)"
     )
     lr: float = _f(1e-3, "peak learning rate (Adam)")
     min_lr: float = _f(5e-5, "learning rate at the end of the cosine decay")
