@@ -452,6 +452,14 @@ def test_ensure_features(small_prepared, ort_extractor, monkeypatch):
     assert len(made) == 2 and made[1].images == 4
     assert manifest(dirs[1])["augment"] == {"seed": 5, "strength": "medium"}
 
+    # a cache made by an older encoder revision (same name and size) is stale, not current
+    old = manifest(dirs[0])
+    old["encoder"] = {**old["encoder"], "revision": 1}
+    (dirs[0] / "manifest.json").write_text(json.dumps(old))
+    ensure_features(small_prepared, augment_views=1, augment_seed=5, batch_size=4, progress=False)
+    assert len(made) == 3 and made[2].images == 6  # view 0 re-extracted, view 1 still current
+    assert manifest(dirs[0])["encoder"]["revision"] == 2
+
 
 def test_ensure_features_resumes_incomplete_cache(small_prepared, ort_extractor, monkeypatch):
     counting = Counting(ort_extractor)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from captioner.data.prepare import PreparedData
 from captioner.features.cache import cache_dir_for, extract_to_cache, load_cache
-from captioner.features.encoders import get_spec
+from captioner.features.encoders import EncoderSpec, get_spec
 from captioner.features.onnx import FeatureExtractor
 
 
@@ -43,7 +43,7 @@ def ensure_features(
         names = split_images(prepared) if view == 0 else prepared.splits.train
         cache_dir = cache_dir_for(feature_root(prepared), encoder, spec.image_size, view)
         augment = {"seed": augment_seed, "strength": augment_strength} if view else None
-        if extractor is None and not _is_current(cache_dir, names, prepared, augment):
+        if extractor is None and not cache_is_current(cache_dir, names, prepared, augment, spec):
             extractor = FeatureExtractor(encoder, backend, threads)
         if extractor is not None:
             extract_to_cache(
@@ -60,7 +60,9 @@ def ensure_features(
     return dirs
 
 
-def _is_current(cache_dir: Path, names: list[str], prepared: PreparedData, augment) -> bool:
+def cache_is_current(
+    cache_dir: Path, names: list[str], prepared: PreparedData, augment, spec: EncoderSpec
+) -> bool:
     """Cheap check so a complete, matching cache doesn't even load the encoder."""
     from captioner.features.cache import MANIFEST, dataset_fingerprint
     from captioner.io import read_json
@@ -74,6 +76,7 @@ def _is_current(cache_dir: Path, names: list[str], prepared: PreparedData, augme
         return False
     return (
         manifest.get("complete") is True
+        and manifest.get("encoder") == spec.to_json()
         and manifest.get("augment") == augment
         and manifest.get("dataset", {}).get("fingerprint")
         == dataset_fingerprint(prepared.images_dir, names)
