@@ -7,7 +7,6 @@ import io
 import math
 import random
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -356,10 +355,3 @@ def check_ranks_in_sync(decoder: torch.nn.Module, ctx: DistContext, run_dir: Pat
         )
     if len(set(values)) != 1:
         raise RuntimeError(f"DDP ranks diverged: weight checksums {values}")
-
-
-def load_run_config(run_dir: str | Path) -> TrainConfig:
-    return TrainConfig.from_json(read_json(Path(run_dir) / "train_config.json"))
-
-
-__all__ = ["TrainConfig", "train", "get_lr", "load_run_config", "replace"]
