@@ -174,7 +174,10 @@ class Captioner:
             unk_id=self.vocab.unk_id,
             pad_id=self.vocab.pad_id,
         )
-        with torch.inference_mode(), _single_torch_thread(self.backend.endswith("onnx")):
+        # one or two images: beam search's ops are tiny and a second thread only adds wake-ups;
+        # larger batches have enough work per op to gain from all threads
+        single = self.backend.endswith("onnx") and len(features) <= 2
+        with torch.inference_mode(), _single_torch_thread(single):
             if beam_size == 1:
                 decoded = greedy_decode(
                     self.stepper,
