@@ -39,9 +39,8 @@ def report_paths(out_dir: Path, split: str, beam_size: int) -> tuple[Path, Path]
 
 def _cached_features(captioner: Captioner, prepared: PreparedData, names: list[str]):
     """(N, P, C) fp16 features of ``names`` from a complete view-0 cache, or None if none."""
-    from captioner.features.cache import cache_dir_for
+    from captioner.features.cache import cache_dir_for, is_current
     from captioner.features.pipeline import (
-        cache_is_current,
         ensure_features,
         feature_root,
         load_features,
@@ -50,7 +49,7 @@ def _cached_features(captioner: Captioner, prepared: PreparedData, names: list[s
 
     spec = captioner.spec
     cache_dir = cache_dir_for(feature_root(prepared), spec.name, spec.image_size, 0)
-    if not cache_is_current(cache_dir, split_images(prepared), prepared, None, captioner.spec):
+    if not is_current(cache_dir, prepared.images_dir, split_images(prepared), spec):
         return None
     dirs = ensure_features(prepared, spec.name, progress=False)  # complete: loads no encoder
     cached_names, features = load_features({0: dirs[0]})[0]

@@ -23,11 +23,12 @@ from tqdm.auto import tqdm
 
 from captioner.data.images import load_image
 from captioner.errors import CacheError
-from captioner.features.encoders import preprocess
+from captioner.features.encoders import EncoderSpec, preprocess
 from captioner.features.onnx import FeatureExtractor
 from captioner.io import atomic_path, atomic_write_json, read_json
 
 MANIFEST = "manifest.json"
+SHARD_SIZE = 512  # images per safetensors shard: the unit of resumption
 CACHE_FORMAT = 1
 
 
@@ -50,7 +51,7 @@ def cache_dir_for(root: Path, encoder: str, image_size: int, view: int) -> Path:
 
 
 def _expected_manifest(
-    extractor: FeatureExtractor,
+    spec: EncoderSpec,
     fingerprint: str,
     count: int,
     view: int,
@@ -59,13 +60,42 @@ def _expected_manifest(
 ) -> dict:
     return {
         "format": CACHE_FORMAT,
-        "encoder": extractor.spec.to_json(),
+        "encoder": spec.to_json(),
         "view": view,
         "augment": augment if view > 0 else None,
         "dataset": {"fingerprint": fingerprint, "count": count},
         "dtype": "float16",
         "shard_size": shard_size,
     }
+
+
+def is_current(
+    cache_dir: Path,
+    images_dir: Path,
+    names: list[str],
+    spec: EncoderSpec,
+    *,
+    view: int = 0,
+    augment: dict | None = None,
+    shard_size: int = SHARD_SIZE,
+) -> bool:
+    """Whether ``extract_to_cache`` would find nothing to do: the same manifest check, made
+    without building an encoder (so a current cache costs no model load)."""
+    manifest_path = Path(cache_dir) / MANIFEST
+    if not manifest_path.is_file():
+        return False
+    try:
+        saved = read_json(manifest_path)
+    except ValueError:
+        return False
+    expected = _expected_manifest(
+        spec, dataset_fingerprint(Path(images_dir), names), len(names), view, augment, shard_size
+    )
+    return (
+        {k: saved.get(k) for k in expected} == expected
+        and saved.get("complete") is True
+        and all((Path(cache_dir) / f"shard_{k}.safetensors").is_file() for k in saved["shards"])
+    )
 
 
 def _load_view(images_dir: Path, name: str, view: int, augment: dict | None) -> np.ndarray:
@@ -86,7 +116,7 @@ def extract_to_cache(
     view: int = 0,
     augment: dict | None = None,
     batch_size: int = 16,
-    shard_size: int = 512,
+    shard_size: int = SHARD_SIZE,
     progress: bool = True,
 ) -> Path:
     """Extract features of ``names`` into ``cache_dir``, resuming or rebuilding as needed."""
@@ -94,7 +124,12 @@ def extract_to_cache(
     if view > 0 and not augment:
         raise CacheError("augmented views need augment settings ({'seed', 'strength'})")
     expected = _expected_manifest(
-        extractor, dataset_fingerprint(images_dir, names), len(names), view, augment, shard_size
+        extractor.spec,
+        dataset_fingerprint(images_dir, names),
+        len(names),
+        view,
+        augment,
+        shard_size,
     )
     manifest_path = cache_dir / MANIFEST
     shards: dict[str, int] = {}

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from captioner.data.prepare import PreparedData
-from captioner.features.cache import cache_dir_for, extract_to_cache, load_cache
-from captioner.features.encoders import EncoderSpec, get_spec
+from captioner.features.cache import cache_dir_for, extract_to_cache, is_current, load_cache
+from captioner.features.encoders import get_spec
 from captioner.features.onnx import FeatureExtractor
 
 
@@ -43,7 +43,10 @@ def ensure_features(
         names = split_images(prepared) if view == 0 else prepared.splits.train
         cache_dir = cache_dir_for(feature_root(prepared), encoder, spec.image_size, view)
         augment = {"seed": augment_seed, "strength": augment_strength} if view else None
-        if extractor is None and not cache_is_current(cache_dir, names, prepared, augment, spec):
+        current = is_current(
+            cache_dir, prepared.images_dir, names, spec, view=view, augment=augment
+        )
+        if extractor is None and not current:
             extractor = FeatureExtractor(encoder, backend, threads)
         if extractor is not None:
             extract_to_cache(
@@ -58,29 +61,6 @@ def ensure_features(
             )
         dirs[view] = cache_dir
     return dirs
-
-
-def cache_is_current(
-    cache_dir: Path, names: list[str], prepared: PreparedData, augment, spec: EncoderSpec
-) -> bool:
-    """Cheap check so a complete, matching cache doesn't even load the encoder."""
-    from captioner.features.cache import MANIFEST, dataset_fingerprint
-    from captioner.io import read_json
-
-    path = cache_dir / MANIFEST
-    if not path.is_file():
-        return False
-    try:
-        manifest = read_json(path)
-    except ValueError:
-        return False
-    return (
-        manifest.get("complete") is True
-        and manifest.get("encoder") == spec.to_json()
-        and manifest.get("augment") == augment
-        and manifest.get("dataset", {}).get("fingerprint")
-        == dataset_fingerprint(prepared.images_dir, names)
-    )
 
 
 def load_features(cache_dirs: dict[int, Path]):
