@@ -219,3 +219,34 @@ def test_ddp_two_processes_stay_in_sync(small_data, tmp_path):
     assert ranks["weight_checksums"][0] == ranks["weight_checksums"][1]
     assert (tmp_path / "r" / "best" / "model.safetensors").is_file()
     assert "2 processes" in proc.stdout
+
+
+def test_epoch_weights_are_kept_and_averaged(small_data, tmp_path):
+    from captioner.model.captioning_model import CaptioningModel
+    from captioner.training.averaging import average_run, list_epoch_weights
+
+    run_dir = tmp_path / "r"
+    cfg = TrainConfig(
+        data_dir=str(small_data),
+        work_dir=str(tmp_path / "w"),
+        run_dir=str(run_dir),
+        epochs=3,
+        keep_epochs=2,
+        **SMALL,
+    )
+    train(cfg)
+    kept = list_epoch_weights(run_dir)
+    assert sorted(kept) == [2, 3]  # epoch 1 was dropped once epoch 3 arrived
+    a, b = load_file(str(kept[2])), load_file(str(kept[3]))
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # training moved the weights
+
+    out = average_run(run_dir, tmp_path / "avg", last=2)
+    model = CaptioningModel.from_pretrained(out)
+    for key, value in model.decoder.state_dict().items():
+        torch.testing.assert_close(value, (a[key] + b[key]) / 2, msg=key)
+    config = json.loads((out / "config.json").read_text())
+    assert config["extra"]["averaged_epochs"] == [2, 3]
+
+    with pytest.raises(ConfigError, match=r"epochs \[1\] are not kept"):
+        average_run(run_dir, tmp_path / "avg2", epochs=[1, 2])
+    assert not (tmp_path / "avg2").exists()  # a refused request writes nothing

@@ -18,6 +18,7 @@ app.command("vocab-sample")(data_commands.vocab_sample_cmd)
 app.command("features")(data_commands.features_cmd)
 app.add_typer(data_commands.preview_app, name="preview")
 app.command("train")(train_command.train_cmd)
+app.command("average")(train_command.average_cmd)
 serve.register(app)
 inference_commands.register(app)
 

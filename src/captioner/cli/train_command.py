@@ -36,3 +36,19 @@ train_cmd = friendly_errors(
     )
 )
 train_cmd.__doc__ = _train.__doc__
+
+
+@friendly_errors
+def average_cmd(
+    run_dir: str = typer.Argument(..., help="a training run directory (with epochs/ and best/)"),
+    out: str = typer.Option(..., "--out", help="where to save the averaged model"),
+    last: int = typer.Option(3, "--last", help="average the newest N kept epochs"),
+    epochs: list[int] = typer.Option(
+        None, "--epoch", help="average exactly these epochs instead (repeat the flag)"
+    ),
+) -> None:
+    """Average the weights of a run's last epochs into one model (checkpoint averaging)."""
+    from captioner.training.averaging import average_run
+
+    path = average_run(run_dir, out, last=last, epochs=epochs or None)
+    typer.echo(f"averaged model: {path}")

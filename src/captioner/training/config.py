@@ -50,13 +50,23 @@ class TrainConfig:
     # checkpoints and selection
     checkpoint_every: int = _f(500, "also checkpoint every N steps inside an epoch")
     keep_last: int = _f(3, "checkpoints kept (the best model is kept apart)")
+    keep_epochs: int = _f(
+        5, "end-of-epoch weights kept in epochs/ for `captioner average` (0 = none)"
+    )
     select_metric: str = _f("CIDEr-D", "dev metric for best-model selection: CIDEr-D or BLEU-4")
     patience: int = _f(4, "stop after this many epochs without a better dev score (0 = never)")
     val_images: int = _f(0, "dev images decoded each epoch (0 = all)")
     val_max_length: int = _f(20, "longest caption decoded at validation")
 
     # settings that may change between a run and its resumption
-    RESUMABLE_CHANGES = ("epochs", "threads", "patience", "data_dir", "max_steps")
+    RESUMABLE_CHANGES = (
+        "epochs",
+        "threads",
+        "patience",
+        "data_dir",
+        "max_steps",
+        "keep_epochs",
+    )
 
     def __post_init__(self) -> None:
         if self.cell not in ("gru", "lstm"):
@@ -67,6 +77,8 @@ class TrainConfig:
             )
         if self.augment_strength not in ("light", "medium", "strong"):
             raise ConfigError("--augment-strength must be light, medium or strong")
+        if self.keep_epochs < 0:
+            raise ConfigError("--keep-epochs must be 0 or more")
         for name in ("epochs", "batch_size", "checkpoint_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")

@@ -20,6 +20,7 @@ from captioner.io import atomic_write_json, atomic_write_text, read_json
 from captioner.model.captioning_model import CaptioningModel
 from captioner.model.config import DecoderConfig
 from captioner.model.decoder import ShowAttendTellDecoder, masked_caption_loss
+from captioner.training.averaging import save_epoch_weights
 from captioner.training.batching import CaptionSamples, build_samples, image_batches
 from captioner.training.checkpoint import resume_latest, save_checkpoint
 from captioner.training.config import TrainConfig
@@ -320,6 +321,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, restart: bool, log) -> Path:
             else:
                 state["bad_epochs"] += 1
             write_metrics(run_dir, state["history"])
+            save_epoch_weights(run_dir, epoch + 1, decoder, cfg.keep_epochs)
             log(
                 f"epoch {epoch + 1}: loss {row['train_loss']:.3f}  "
                 f"dev BLEU-4 {row['val_BLEU-4']:.2f}"

@@ -1,0 +1,107 @@
+"""Checkpoint averaging: the mean of the last few epochs' weights often decodes better than any
+single epoch (it smooths out the noise of the final steps). Training keeps each epoch's decoder
+weights in ``<run>/epochs/``; ``average_run`` turns a chosen set of them into a saved model.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from captioner.errors import CheckpointError, ConfigError
+from captioner.io import atomic_path, read_json
+from captioner.model.captioning_model import CONFIG_FILE, CaptioningModel
+
+EPOCHS_DIR = "epochs"
+_EPOCH_FILE = re.compile(r"^epoch_(\d{3,})\.safetensors$")
+
+
+def epoch_file(run_dir: Path, epoch: int) -> Path:
+    return Path(run_dir) / EPOCHS_DIR / f"epoch_{epoch:03d}.safetensors"
+
+
+def save_epoch_weights(run_dir: Path, epoch: int, model: torch.nn.Module, keep: int) -> None:
+    """Store this epoch's weights (atomically) and drop all but the newest ``keep``."""
+    if keep <= 0:
+        return
+    target = epoch_file(run_dir, epoch)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(target) as tmp:
+        save_file(state, str(tmp), metadata={"epoch": str(epoch)})
+    saved = list_epoch_weights(run_dir)
+    for old in sorted(saved)[:-keep]:
+        saved[old].unlink(missing_ok=True)
+
+
+def list_epoch_weights(run_dir: Path) -> dict[int, Path]:
+    folder = Path(run_dir) / EPOCHS_DIR
+    if not folder.is_dir():
+        return {}
+    found = {}
+    for path in folder.iterdir():
+        match = _EPOCH_FILE.match(path.name)
+        if match:
+            found[int(match.group(1))] = path
+    return found
+
+
+def average_state_dicts(paths: list[Path]) -> dict[str, torch.Tensor]:
+    """Element-wise mean in float64 (then float32), with strict key and shape checks."""
+    if not paths:
+        raise ConfigError("nothing to average: no epoch weights given")
+    total: dict[str, torch.Tensor] = {}
+    for path in paths:
+        try:
+            state = load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"{path}: unreadable weights ({exc})") from exc
+        if total and set(state) != set(total):
+            raise CheckpointError(f"{path}: its tensors differ from {paths[0]}'s")
+        for key, value in state.items():
+            if key in total and total[key].shape != value.shape:
+                raise CheckpointError(f"{path}: {key} has shape {tuple(value.shape)}")
+            total[key] = total.get(key, 0) + value.double()
+    return {k: (v / len(paths)).float() for k, v in total.items()}
+
+
+def average_run(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    last: int = 3,
+    epochs: list[int] | None = None,
+) -> Path:
+    """Average the ``last`` newest kept epochs (or exactly ``epochs``) of a run into a model.
+
+    The run's ``best/`` model supplies vocabulary, encoder and decoder config, so the result is
+    a complete model directory that ``Captioner.from_pretrained`` loads.
+    """
+    run_dir = Path(run_dir)
+    saved = list_epoch_weights(run_dir)
+    if not saved:
+        raise CheckpointError(
+            f"{run_dir / EPOCHS_DIR}: no epoch weights (train with --keep-epochs N > 0)"
+        )
+    if epochs:
+        missing = sorted(set(epochs) - set(saved))
+        if missing:
+            raise ConfigError(f"epochs {missing} are not kept in {run_dir / EPOCHS_DIR}")
+        chosen = sorted(set(epochs))
+    else:
+        if last <= 0:
+            raise ConfigError("--last must be positive")
+        chosen = sorted(saved)[-last:]
+    template = CaptioningModel.from_pretrained(run_dir / "best")
+    averaged = average_state_dicts([saved[e] for e in chosen])
+    try:
+        template.decoder.load_state_dict(averaged, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"epoch weights do not fit {run_dir / 'best'}: {exc}") from exc
+    best_extra = read_json(run_dir / "best" / CONFIG_FILE).get("extra", {})
+    extra = {k: v for k, v in best_extra.items() if k != "dev"}  # dev scores were best/'s own
+    return template.save_pretrained(
+        out_dir, extra={**extra, "averaged_epochs": chosen, "run": str(run_dir)}
+    )
