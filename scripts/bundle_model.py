@@ -40,14 +40,19 @@ def main() -> None:
     parser.add_argument("--work-dir", default="work/flickr8k", help="prepared Flickr8k")
     parser.add_argument("--beams", default="3,5", help="beam sizes to try on dev")
     parser.add_argument("--penalties", default="0.5,1.0,1.5", help="length penalties to try")
+    parser.add_argument(
+        "--no-repeat", default="0", help="no_repeat_ngram_size values to try (0 = off)"
+    )
     parser.add_argument("--out", default=str(TARGET), help="where the bundled model goes")
     args = parser.parse_args()
 
     trials = []
     for model_dir in args.model:
         captioner = Captioner.from_pretrained(model_dir)
-        for beam, penalty in itertools.product(
-            [int(b) for b in args.beams.split(",")], [float(p) for p in args.penalties.split(",")]
+        for beam, penalty, no_repeat in itertools.product(
+            [int(b) for b in args.beams.split(",")],
+            [float(p) for p in args.penalties.split(",")],
+            [int(n) for n in args.no_repeat.split(",")],
         ):
             report = evaluate(
                 captioner,
@@ -55,25 +60,28 @@ def main() -> None:
                 split="val",
                 beam_size=beam,
                 length_penalty=penalty,
+                no_repeat_ngram_size=no_repeat,
                 use_java=False,
                 progress=False,
                 out_dir=Path(model_dir) / "dev_sweep",
             )
             scores = report["scores"]
             print(
-                f"{model_dir}: dev beam {beam} lp {penalty}: BLEU-4 {scores['BLEU-4']:.2f} "
-                f"CIDEr-D {scores['CIDEr-D']:.2f}",
+                f"{model_dir}: dev beam {beam} lp {penalty} no-repeat {no_repeat}: "
+                f"BLEU-4 {scores['BLEU-4']:.2f} CIDEr-D {scores['CIDEr-D']:.2f}",
                 flush=True,
             )
-            trials.append((scores["CIDEr-D"], model_dir, beam, penalty, scores))
-    best_cider, model_dir, beam, penalty, dev_scores = max(trials, key=lambda t: (t[0], -t[2]))
+            trials.append((scores["CIDEr-D"], model_dir, beam, penalty, no_repeat, scores))
+    best_cider, model_dir, beam, penalty, no_repeat, dev_scores = max(
+        trials, key=lambda t: (t[0], -t[2])
+    )
     print(
-        f"chosen on dev: {model_dir}, beam {beam}, length penalty {penalty} "
-        f"(CIDEr-D {best_cider:.2f})"
+        f"chosen on dev: {model_dir}, beam {beam}, length penalty {penalty}, "
+        f"no-repeat {no_repeat} (CIDEr-D {best_cider:.2f})"
     )
 
     model = CaptioningModel.from_pretrained(model_dir)
-    model.generation.update(beam_size=beam, length_penalty=penalty)
+    model.generation.update(beam_size=beam, length_penalty=penalty, no_repeat_ngram_size=no_repeat)
     out = Path(args.out)
     staging = out.with_name(out.name + ".staging")  # the old bundle stays until the new is whole
     shutil.rmtree(staging, ignore_errors=True)
@@ -84,10 +92,17 @@ def main() -> None:
             "model": str(model_dir),
             "beam_size": beam,
             "length_penalty": penalty,
+            "no_repeat_ngram_size": no_repeat,
             "dev_scores": dev_scores,
             "trials": [
-                {"model": str(m), "beam_size": b, "length_penalty": p, "CIDEr-D": c}
-                for c, m, b, p, _ in trials
+                {
+                    "model": str(m),
+                    "beam_size": b,
+                    "length_penalty": p,
+                    "no_repeat_ngram_size": n,
+                    "CIDEr-D": c,
+                }
+                for c, m, b, p, n, _ in trials
             ],
         },
     }

@@ -124,6 +124,7 @@ class Captioner:
         return_attention: bool = True,
         length_penalty: float | None = None,
         suppress_unk: bool | None = None,
+        no_repeat_ngram_size: int | None = None,
     ) -> list[CaptionResult]:
         """Caption one image or many (paths, bytes, PIL images or RGB arrays); one result each.
 
@@ -142,6 +143,7 @@ class Captioner:
             return_attention,
             length_penalty,
             suppress_unk,
+            no_repeat_ngram_size,
         )
 
     def caption_features(
@@ -152,6 +154,7 @@ class Captioner:
         return_attention: bool = True,
         length_penalty: float | None = None,
         suppress_unk: bool | None = None,
+        no_repeat_ngram_size: int | None = None,
     ) -> list[CaptionResult]:
         """Decode precomputed encoder grids (B, P, C), e.g. from the feature cache."""
         from captioner.decoding import beam_search, greedy_decode
@@ -161,11 +164,17 @@ class Captioner:
         max_length = g["max_length"] if max_length is None else max_length
         length_penalty = g["length_penalty"] if length_penalty is None else length_penalty
         suppress_unk = g["suppress_unk"] if suppress_unk is None else suppress_unk
+        if no_repeat_ngram_size is None:
+            no_repeat_ngram_size = g["no_repeat_ngram_size"]
 
         if not 1 <= beam_size <= 20:
             raise ConfigError(f"beam_size must be between 1 and 20, got {beam_size}")
         if not 1 <= max_length <= 100:
             raise ConfigError(f"max_length must be between 1 and 100, got {max_length}")
+        if not 0 <= no_repeat_ngram_size <= 10:
+            raise ConfigError(
+                f"no_repeat_ngram_size must be between 0 (off) and 10, got {no_repeat_ngram_size}"
+            )
         if len(features) == 0:
             return []
         ids = dict(
@@ -185,6 +194,7 @@ class Captioner:
                     max_length=max_length,
                     suppress_unk=suppress_unk,
                     length_penalty=length_penalty,
+                    no_repeat_ngram_size=no_repeat_ngram_size,
                     **ids,
                 )
             else:
@@ -195,6 +205,7 @@ class Captioner:
                     max_length=max_length,
                     length_penalty=length_penalty,
                     suppress_unk=suppress_unk,
+                    no_repeat_ngram_size=no_repeat_ngram_size,
                     **ids,
                 )
         side = self.grid_size

@@ -490,3 +490,88 @@ def test_bad_arguments_are_rejected():
             decode(decoder, features, max_length=0)
         with pytest.raises(ValueError, match=r"\(B, P, C\)"):
             decode(decoder, features[0])
+
+
+# ---- repeated n-gram blocking --------------------------------------------------------------
+def ngram_blocked(prefix: tuple[int, ...], n: int) -> set[int]:
+    """Plain reference: tokens that would complete an n-gram already in ``prefix``."""
+    if len(prefix) < n:
+        return set()
+    last = prefix[len(prefix) - n + 1 :]
+    return {
+        prefix[i + n - 1] for i in range(len(prefix) - n + 1) if prefix[i : i + n - 1] == last
+    } - {END}
+
+
+def has_repeated_ngram(ids: list[int], n: int) -> bool:
+    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_blocking_reference_agrees_with_the_vectorised_mask(n):
+    from captioner.decoding.greedy import block_repeated_ngrams
+
+    rng = np.random.default_rng(n)
+    history = torch.from_numpy(rng.integers(2, 6, size=(40, 7)))  # (N, t) with many repeats
+    blocked = block_repeated_ngrams(torch.zeros(40, 6), history, n, END)
+    for row in range(40):
+        expected = ngram_blocked(tuple(history[row].tolist()), n)
+        assert set(torch.isinf(blocked[row]).nonzero().flatten().tolist()) == expected
+    assert bool(torch.isinf(blocked).any())  # the random rows did repeat something
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("n", [1, 2])
+def test_exhaustive_beam_search_with_blocking_finds_the_brute_force_best(seed, n):
+    V, T = 6, 4
+    stepper = random_stepper(V, seed=seed, end_bias=-1.0)
+    words = [t for t in range(V) if t not in (PAD, START, END)]
+    scores = {}
+    for length in range(T + 1):
+        for ids in itertools.product(words, repeat=length):
+            if has_repeated_ngram(list(ids), n):
+                continue  # impossible: blocked
+            targets = list(ids) + ([END] if length < T else [])
+            total = sum(
+                log_probs(stepper, 0, ids[:i], {PAD, START} | ngram_blocked(ids[:i], n))[target]
+                for i, target in enumerate(targets)
+            )
+            scores[ids] = total / len(targets)
+    (result,) = beam_search(
+        stepper, toy_features(1), beam_size=len(scores), max_length=T, no_repeat_ngram_size=n
+    )
+    best = max(scores, key=scores.get)
+    assert result.token_ids == list(best)
+    assert result.score == pytest.approx(scores[best], abs=1e-5)
+    assert sorted(tuple(ids) for ids, _ in result.alternatives) == sorted(scores)
+
+
+@pytest.mark.parametrize("decode", [greedy_decode, beam_search])
+def test_a_stepper_that_loops_is_stopped_from_repeating(decode):
+    """Logits favour 4 5 4 5 ...: unblocked output loops, blocked output never repeats a
+    bigram, and with bigrams blocked it still stops (``<end>`` is never blocked)."""
+
+    def loop(image, prefix):
+        logits = np.zeros(8)
+        logits[5 if prefix and prefix[-1] == 4 else 4] = 6.0
+        return logits
+
+    free = decode(ToyStepper(8, loop), toy_features(2), max_length=9)
+    assert all(has_repeated_ngram(r.token_ids, 2) for r in free)
+    blocked = decode(ToyStepper(8, loop), toy_features(2), max_length=9, no_repeat_ngram_size=2)
+    for result in blocked:
+        for ids, _ in result.alternatives:
+            assert not has_repeated_ngram(ids, 2)
+        assert result.token_ids[:3] == [4, 5, 4]
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_beam_size_1_is_greedy_with_blocking(cell):
+    decoder, features = real_decoder(cell)
+    greedy = greedy_decode(decoder, features, no_repeat_ngram_size=2)
+    beam = beam_search(decoder, features, beam_size=1, no_repeat_ngram_size=2)
+    assert tokens(greedy) != tokens(greedy_decode(decoder, features))  # blocking changed some
+    assert tokens(beam) == tokens(greedy)
+    for g, b in zip(greedy, beam, strict=True):
+        assert b.score == g.score

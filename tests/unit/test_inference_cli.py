@@ -69,6 +69,36 @@ def test_caption_folder_skips_a_corrupt_file(tiny_model_dir, image_folder):
     assert "1 input(s) failed, 3 captioned" in result.stderr
 
 
+def test_caption_no_repeat_ngram_flag_and_generation_default(
+    tiny_model_dir, image_folder, tmp_path
+):
+    """A model biased to say one word forever: --no-repeat-ngram 1 forbids any repeat, and the
+    same setting saved in generation_config.json becomes the model's default."""
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "parrot"
+    shutil.copytree(tiny_model_dir, model)
+    weights = load_file(str(model / "model.safetensors"))
+    weights["out_vocab.bias"][4] += 100.0  # the first real word, every time
+    weights["out_vocab.bias"][2] -= 100.0  # and never <end>
+    save_file(weights, str(model / "model.safetensors"))
+
+    def captions(*extra):
+        result = run("caption", image_folder, "--model", model, "--max-length", "8", *extra)
+        return [line.split("\t")[1].split() for line in result.stdout.splitlines()]
+
+    assert all(len(words) == 8 and len(set(words)) == 1 for words in captions())
+    blocked = captions("--no-repeat-ngram", "1")
+    assert len(blocked) == 3 and all(len(set(words)) == len(words) == 8 for words in blocked)
+
+    generation = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(
+        json.dumps({**generation, "no_repeat_ngram_size": 1})
+    )
+    assert captions() == blocked
+    assert run("caption", image_folder, "--no-repeat-ngram", "11").exit_code == 2  # usage error
+
+
 def test_caption_json_csv_and_output_file(tiny_model_dir, image_folder, tmp_path):
     pattern = str(image_folder / "*.png")  # a glob the command expands itself
     as_json = run("caption", pattern, "--model", tiny_model_dir, "--format", "json")

@@ -25,6 +25,7 @@ PROGRESS_MIN_IMAGES = 8  # show a progress bar from this many images on
 MODEL_HELP = "saved model directory (from training); default: the bundled pretrained model"
 WORK_DIR_HELP = "prepared work dir (from `captioner prepare`)"
 BACKEND_HELP = "auto (ONNX Runtime, else PyTorch), onnx or torch"
+NO_REPEAT_HELP = "never repeat an n-gram of this size in a caption (0 = off); default: the model's"
 
 
 def _err(message: str) -> None:
@@ -92,6 +93,7 @@ def caption_cmd(
         None, min=1, max=20, help="beam width (1 = greedy); default: the model's"
     ),
     max_length: int = typer.Option(20, min=1, max=100, help="most words per caption"),
+    no_repeat_ngram: int | None = typer.Option(None, min=0, max=10, help=NO_REPEAT_HELP),
     fmt: str = typer.Option(
         "text", "--format", "-f", help="text (path<TAB>caption per line), json or csv"
     ),
@@ -143,7 +145,11 @@ def caption_cmd(
         new_rows = []
         if arrays:
             results = captioner.caption(
-                arrays, beam_size=beam_size, max_length=max_length, return_attention=False
+                arrays,
+                beam_size=beam_size,
+                max_length=max_length,
+                no_repeat_ngram_size=no_repeat_ngram,
+                return_attention=False,
             )
             new_rows = [
                 {"path": str(p), "caption": r.caption, "score": round(r.score, 4)}
@@ -183,6 +189,7 @@ def predict_cmd(
         None, min=1, max=20, help="beam width (1 = greedy); default: the model's"
     ),
     max_length: int = typer.Option(20, min=1, max=100, help="most words per caption"),
+    no_repeat_ngram: int | None = typer.Option(None, min=0, max=10, help=NO_REPEAT_HELP),
     out: Path = typer.Option(
         Path("predict.png"), "--out", "-o", help="attention figure (PNG) to write"
     ),
@@ -220,7 +227,9 @@ def predict_cmd(
 
     rgb = load_image(path)
     captioner = Captioner.from_pretrained(model, backend=backend)
-    result = captioner.caption(rgb, beam_size=beam_size, max_length=max_length)[0]
+    result = captioner.caption(
+        rgb, beam_size=beam_size, max_length=max_length, no_repeat_ngram_size=no_repeat_ngram
+    )[0]
     typer.echo(f"image:      {path}")
     typer.echo(f"caption:    {result.caption}   (score {result.score:.3f})")
     if references:
@@ -242,6 +251,7 @@ def evaluate_cmd(
         None, min=1, max=20, help="beam width (1 = greedy); default: the model's"
     ),
     max_length: int = typer.Option(20, min=1, max=100, help="most words per caption"),
+    no_repeat_ngram: int | None = typer.Option(None, min=0, max=10, help=NO_REPEAT_HELP),
     length_penalty: float | None = typer.Option(
         None, help="beam score = log-prob / length ** this (0 = none); default: the model's"
     ),
@@ -267,6 +277,7 @@ def evaluate_cmd(
         max_length=max_length,
         length_penalty=length_penalty,
         batch_size=batch_size,
+        no_repeat_ngram_size=no_repeat_ngram,
         use_java=False if no_java else None,
         limit=limit,
         out_dir=out_dir,

@@ -35,6 +35,7 @@ from captioner.decoding.greedy import (
     DecodeResult,
     Stepper,
     banned_ids,
+    block_repeated_ngrams,
     check_inputs,
     masked_log_probs,
     normalised_score,
@@ -63,6 +64,7 @@ def beam_search(
     max_length: int = 20,
     length_penalty: float = 1.0,
     suppress_unk: bool = False,
+    no_repeat_ngram_size: int = 0,
     start_id: int = 1,
     end_id: int = 2,
     unk_id: int = 3,
@@ -76,7 +78,8 @@ def beam_search(
     length counting ``<end>``: 1 (default) is the mean token log-prob, the same score greedy
     gives; 0 ranks by raw sequence log-prob (favours short captions); values above 1 favour
     longer ones. ``max_length`` bounds the steps, ``<end>`` included. ``<pad>`` and
-    ``<start>`` (and ``<unk>`` with ``suppress_unk``) are never emitted.
+    ``<start>`` (and ``<unk>`` with ``suppress_unk``) are never emitted, nor, with
+    ``no_repeat_ngram_size=n`` > 0, a token that would repeat an n-gram of its own beam.
     """
     check_inputs(features, max_length)
     if int(beam_size) < 1:
@@ -98,6 +101,7 @@ def beam_search(
     slots_left = torch.full((B,), K, dtype=torch.long, device=device)  # (n,) K - finished
     rank_ok = torch.ones((B, K), dtype=torch.bool, device=device)  # (n, K) rank < slots_left
     row_base = torch.arange(B, device=device).unsqueeze(1)  # (n, 1) first row of each image
+    emitted = torch.zeros((B, 0), dtype=torch.long, device=device)  # (n*width, t) per row
     # per step: (live images, token and parent slot of each rank (n, K), attention (n*width, P))
     history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     # finished[b]: (total log-prob, step, parent slot, last token, ended with <end>)
@@ -108,6 +112,8 @@ def beam_search(
         n = active.numel()
         logits, state, alpha = stepper.step(tokens, state, memory)  # (n*w, V), ..., (n*w, P)
         V = logits.size(1)
+        if no_repeat_ngram_size > 0:
+            logits = block_repeated_ngrams(logits, emitted, no_repeat_ngram_size, end_id)
         logp = masked_log_probs(logits, banned)  # (n*w, V)
         cand = (cum.view(n * width, 1) + logp).view(n, width * V)  # (n, w*V)
         padded = width * V < K  # fewer candidates than slots (tiny vocabularies)
@@ -152,6 +158,8 @@ def beam_search(
             slots_left, rank_ok, word = slots_left[images], rank_ok[images], word[images]
             row_base = row_base[: images.numel()]  # (n', 1)
         state = select_rows(state, src.view(-1))  # each (n'*K, ...)
+        if no_repeat_ngram_size > 0:  # each new beam's tokens: its parent's, then its word
+            emitted = torch.cat([emitted.index_select(0, src.view(-1)), word.view(-1, 1)], 1)
         if width == 1:  # expand the memory to K rows per image, once
             images = torch.arange(n, device=device) if images is None else images
             memory = select_rows(memory, images.repeat_interleave(K))  # each (n'*K, ...)

@@ -11,6 +11,9 @@ Conventions shared with :func:`captioner.decoding.beam.beam_search` (so that bea
   runs, and ``token_ids`` (without ``<end>``) is never longer than ``max_length``.
 - ``score = sum of log-probs / length ** length_penalty``: with the default ``length_penalty=1``
   it is the mean per-token log-probability; 0 gives the raw sequence log-probability.
+- With ``no_repeat_ngram_size=n`` > 0, a token that would complete an n-gram already in the
+  hypothesis gets logit -inf (before the log-softmax, like the banned ids). ``<end>`` is never
+  blocked, so a hypothesis can always stop.
 - ``alphas`` has one attention row per returned token (the attention of the ``<end>`` step is
   dropped), each a distribution over the P grid cells.
 """
@@ -69,6 +72,27 @@ def masked_log_probs(logits: torch.Tensor, banned: torch.Tensor) -> torch.Tensor
     return torch.log_softmax(logits, dim=1)  # (N, V)
 
 
+def block_repeated_ngrams(
+    logits: torch.Tensor, history: torch.Tensor, n: int, end_id: int
+) -> torch.Tensor:
+    """logits (N, V), history (N, t) tokens emitted so far -> logits with -inf on every token
+    that would repeat one of the row's n-grams ("on a skateboard on a skateboard")."""
+    t = history.size(1)
+    if n <= 0 or t < n:
+        return logits
+    windows = history.unfold(1, n, 1)  # (N, t - n + 1, n) every n-gram so far
+    prefix = history[:, t - n + 1 :]  # (N, n - 1) what the next token would extend
+    match = (windows[:, :, : n - 1] == prefix.unsqueeze(1)).all(dim=2)  # (N, W)
+    rows, where = match.nonzero(as_tuple=True)  # (M,), (M,)
+    if rows.numel() == 0:
+        return logits
+    tokens = windows[rows, where, n - 1]  # (M,)
+    keep = tokens != end_id
+    logits = logits.clone()
+    logits[rows[keep], tokens[keep]] = float("-inf")
+    return logits
+
+
 def normalised_score(total: float, length: int, length_penalty: float) -> float:
     return float(total) / float(length) ** float(length_penalty)
 
@@ -89,6 +113,7 @@ def greedy_decode(
     max_length: int = 20,
     suppress_unk: bool = False,
     length_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
 ) -> list[DecodeResult]:
     """Decode every image of ``features`` (B, P, C) at once, taking the most likely token at
     each step; a row stops at its first ``<end>``. Finished rows are dropped from the batch, so
@@ -109,6 +134,9 @@ def greedy_decode(
     lengths = [0] * B
     for t in range(max_length):
         logits, state, alpha = stepper.step(tokens, state, memory)  # (n, V), ..., (n, P)
+        if no_repeat_ngram_size > 0:
+            past = hist_tok[:t, active].T  # (n, t)
+            logits = block_repeated_ngrams(logits, past, no_repeat_ngram_size, end_id)
         logp = masked_log_probs(logits, banned)  # (n, V)
         tokens = logp.argmax(dim=1)  # (n,) the first maximum on ties
         cum = cum + logp.gather(1, tokens.unsqueeze(1)).squeeze(1)  # (n,)

@@ -68,6 +68,7 @@ def evaluate(
     max_length: int | None = None,
     length_penalty: float | None = None,
     batch_size: int = 50,
+    no_repeat_ngram_size: int | None = None,
     use_java: bool | None = None,
     limit: int = 0,
     *,
@@ -107,11 +108,14 @@ def evaluate(
     beam_size = generation["beam_size"] if beam_size is None else beam_size
     max_length = generation["max_length"] if max_length is None else max_length
     length_penalty = generation["length_penalty"] if length_penalty is None else length_penalty
+    if no_repeat_ngram_size is None:
+        no_repeat_ngram_size = generation["no_repeat_ngram_size"]
     features = _cached_features(captioner, prepared, names) if use_cache else None
     options = dict(
         beam_size=beam_size,
         max_length=max_length,
         length_penalty=length_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
         return_attention=False,
     )
     predictions: dict[str, str] = {}
@@ -148,6 +152,7 @@ def evaluate(
         "beam_size": beam_size,
         "max_length": max_length,
         "length_penalty": length_penalty,
+        "no_repeat_ngram_size": no_repeat_ngram_size,
         "encoder": captioner.spec.name,
         "backend": captioner.backend,
         "features": "cache" if features is not None else "encoded",

@@ -21,7 +21,13 @@ from captioner.model.decoder import ShowAttendTellDecoder
 
 CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE = "config.json", "vocab.json", "model.safetensors"
 GENERATION_FILE = "generation_config.json"  # decoding defaults, chosen on the dev split
-DEFAULT_GENERATION = {"beam_size": 3, "max_length": 20, "length_penalty": 1.0, "suppress_unk": True}
+DEFAULT_GENERATION = {
+    "beam_size": 3,
+    "max_length": 20,
+    "length_penalty": 1.0,
+    "suppress_unk": True,
+    "no_repeat_ngram_size": 0,
+}
 FORMAT_VERSION = 1
 
 
