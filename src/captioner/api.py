@@ -116,6 +116,15 @@ class Captioner:
         arrays = [load_image(img) for img in images]
         return torch.from_numpy(self.extractor(preprocess(arrays, self.spec)))
 
+    def generation_settings(self, **overrides) -> dict:
+        """The model's decoding defaults (generation_config.json) with every override that is
+        not None on top: what a caption call with these arguments will use."""
+        unknown = set(overrides) - set(self.model.generation)
+        if unknown:
+            raise ConfigError(f"unknown generation settings: {sorted(unknown)}")
+        chosen = {k: v for k, v in overrides.items() if v is not None}
+        return {**self.model.generation, **chosen}
+
     def caption(
         self,
         images: ImageInput | Sequence[ImageInput],
@@ -159,13 +168,16 @@ class Captioner:
         """Decode precomputed encoder grids (B, P, C), e.g. from the feature cache."""
         from captioner.decoding import beam_search, greedy_decode
 
-        g = self.model.generation
-        beam_size = g["beam_size"] if beam_size is None else beam_size
-        max_length = g["max_length"] if max_length is None else max_length
-        length_penalty = g["length_penalty"] if length_penalty is None else length_penalty
-        suppress_unk = g["suppress_unk"] if suppress_unk is None else suppress_unk
-        if no_repeat_ngram_size is None:
-            no_repeat_ngram_size = g["no_repeat_ngram_size"]
+        g = self.generation_settings(
+            beam_size=beam_size,
+            max_length=max_length,
+            length_penalty=length_penalty,
+            suppress_unk=suppress_unk,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+        )
+        beam_size, max_length = g["beam_size"], g["max_length"]
+        length_penalty, suppress_unk = g["length_penalty"], g["suppress_unk"]
+        no_repeat_ngram_size = g["no_repeat_ngram_size"]
 
         if not 1 <= beam_size <= 20:
             raise ConfigError(f"beam_size must be between 1 and 20, got {beam_size}")

@@ -104,12 +104,15 @@ def evaluate(
     if not names:
         raise DataError(f"the {split} split of {work_dir} has no images")
 
-    generation = captioner.model.generation  # None: the model's own decoding defaults
-    beam_size = generation["beam_size"] if beam_size is None else beam_size
-    max_length = generation["max_length"] if max_length is None else max_length
-    length_penalty = generation["length_penalty"] if length_penalty is None else length_penalty
-    if no_repeat_ngram_size is None:
-        no_repeat_ngram_size = generation["no_repeat_ngram_size"]
+    settings = captioner.generation_settings(  # None: the model's own decoding defaults
+        beam_size=beam_size,
+        max_length=max_length,
+        length_penalty=length_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+    )
+    beam_size, max_length = settings["beam_size"], settings["max_length"]
+    length_penalty = settings["length_penalty"]
+    no_repeat_ngram_size = settings["no_repeat_ngram_size"]
     features = _cached_features(captioner, prepared, names) if use_cache else None
     options = dict(
         beam_size=beam_size,
