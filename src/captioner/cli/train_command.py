@@ -7,7 +7,7 @@ import inspect
 import typer
 
 from captioner.cli.common import friendly_errors, options_from_dataclass, with_signature
-from captioner.training.config import TrainConfig
+from captioner.training.config import ScstConfig, TrainConfig
 
 
 def _train(**kwargs) -> None:
@@ -19,23 +19,28 @@ def _train(**kwargs) -> None:
     typer.echo(f"best model: {best}")
 
 
+def _scst(**kwargs) -> None:
+    """Fine-tune a trained model with self-critical sequence training (CIDEr-D reward); rerun the
+    same command to resume."""
+    from captioner.training.scst import train_scst
+
+    restart = kwargs.pop("restart")
+    best = train_scst(ScstConfig(**kwargs), restart=restart)
+    typer.echo(f"best model: {best}")
+
+
+_RESTART = inspect.Parameter(
+    "restart",
+    inspect.Parameter.KEYWORD_ONLY,
+    annotation=bool,
+    default=typer.Option(False, "--restart", help="ignore existing checkpoints and start over"),
+)
 train_cmd = friendly_errors(
-    with_signature(
-        _train,
-        [
-            *options_from_dataclass(TrainConfig),
-            inspect.Parameter(
-                "restart",
-                inspect.Parameter.KEYWORD_ONLY,
-                annotation=bool,
-                default=typer.Option(
-                    False, "--restart", help="ignore existing checkpoints and start over"
-                ),
-            ),
-        ],
-    )
+    with_signature(_train, [*options_from_dataclass(TrainConfig), _RESTART])
 )
 train_cmd.__doc__ = _train.__doc__
+scst_cmd = friendly_errors(with_signature(_scst, [*options_from_dataclass(ScstConfig), _RESTART]))
+scst_cmd.__doc__ = _scst.__doc__
 
 
 @friendly_errors

@@ -1,18 +1,47 @@
-"""Every training setting, with its default and help text; saved as train_config.json."""
+"""Every training setting, with its default and help text; saved as train_config.json (and
+scst_config.json for self-critical fine-tuning)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from typing import TypeVar
 
 from captioner.errors import ConfigError
+
+SettingsT = TypeVar("SettingsT", bound="_Settings")
 
 
 def _f(default, help: str):  # noqa: A002 - mirrors argparse's name
     return field(default=default, metadata={"help": help})
 
 
+class _Settings:
+    """Saving, loading and comparing a settings dataclass (train_config.json, scst_config.json)."""
+
+    RESUMABLE_CHANGES: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls: type[SettingsT], data: dict) -> SettingsT:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown training settings: {sorted(unknown)}")
+        return cls(**data)
+
+    def differences(self, other: _Settings) -> list[str]:
+        return [
+            f.name
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+            and f.name not in self.RESUMABLE_CHANGES
+        ]
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(_Settings):
     # data
     data_dir: str | None = _f(None, "raw dataset folder; prepared into --work-dir when needed")
     work_dir: str = _f("work/flickr8k", "prepared data + feature caches")
@@ -85,21 +114,55 @@ class TrainConfig:
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError("need 0 <= --min-lr <= --lr and --lr > 0")
 
-    def to_json(self) -> dict:
-        return asdict(self)
 
-    @classmethod
-    def from_json(cls, data: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"unknown training settings: {sorted(unknown)}")
-        return cls(**data)
+@dataclass
+class ScstConfig(_Settings):
+    """Self-critical fine-tuning (Rennie et al. 2017) of a model trained with `captioner train`."""
 
-    def differences(self, other: TrainConfig) -> list[str]:
-        return [
-            f.name
-            for f in fields(self)
-            if getattr(self, f.name) != getattr(other, f.name)
-            and f.name not in self.RESUMABLE_CHANGES
-        ]
+    init_model: str | None = _f(None, "the cross-entropy-trained model to fine-tune (a directory)")
+    # data
+    data_dir: str | None = _f(None, "raw dataset folder; prepared into --work-dir when needed")
+    work_dir: str = _f("work/flickr8k", "prepared data + feature caches (as for train)")
+    run_dir: str = _f("runs/scst", "checkpoints, metrics.csv, curves.png, best/ model")
+    backend: str = _f("auto", "feature extraction backend when caches are missing")
+    augment_views: int = _f(0, "extra augmented feature views per training image")
+    augment_strength: str = _f("medium", "augmentation strength: light, medium or strong")
+    # optimisation
+    epochs: int = _f(2, "passes over the training images")
+    images_per_batch: int = _f(20, "images per optimizer step")
+    samples_per_image: int = _f(
+        5, "captions sampled per image; each one's baseline is the mean reward of the others"
+    )
+    max_length: int = _f(20, "longest sampled caption")
+    lr: float = _f(5e-5, "learning rate (Adam, constant)")
+    grad_clip: float = _f(1.0, "clip the gradient norm to this (0 = off)")
+    seed: int = _f(0, "random seed (batches, views, sampling)")
+    threads: int = _f(0, "torch CPU threads (0 = all cores)")
+    max_steps: int = _f(0, "stop after this many optimizer steps in total (0 = no limit)")
+    # checkpoints and selection
+    checkpoint_every: int = _f(100, "also checkpoint every N steps inside an epoch")
+    keep_last: int = _f(3, "checkpoints kept (the best model is kept apart)")
+    keep_epochs: int = _f(5, "end-of-epoch weights kept in epochs/ for `captioner average`")
+    select_metric: str = _f("CIDEr-D", "dev metric for best-model selection: CIDEr-D or BLEU-4")
+    patience: int = _f(0, "stop after this many epochs without a better dev score (0 = never)")
+    val_images: int = _f(0, "dev images decoded each epoch (0 = all)")
+    val_max_length: int = _f(20, "longest caption decoded at validation")
+
+    RESUMABLE_CHANGES = ("epochs", "threads", "patience", "data_dir", "max_steps", "keep_epochs")
+
+    def __post_init__(self) -> None:
+        if not self.init_model:
+            raise ConfigError("--init-model is required: the model to fine-tune")
+        if self.samples_per_image < 2:
+            raise ConfigError("--samples-per-image must be at least 2 (the baseline needs peers)")
+        if self.select_metric not in ("CIDEr-D", "BLEU-4"):
+            raise ConfigError(
+                f"--select-metric must be CIDEr-D or BLEU-4, not {self.select_metric!r}"
+            )
+        if self.augment_strength not in ("light", "medium", "strong"):
+            raise ConfigError("--augment-strength must be light, medium or strong")
+        for name in ("epochs", "images_per_batch", "max_length", "checkpoint_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        if self.lr <= 0 or self.keep_epochs < 0:
+            raise ConfigError("need --lr > 0 and --keep-epochs >= 0")

@@ -7,6 +7,7 @@ import io
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,10 +24,8 @@ from captioner.model.decoder import ShowAttendTellDecoder, masked_caption_loss
 from captioner.training.averaging import save_epoch_weights
 from captioner.training.batching import CaptionSamples, build_samples, image_batches
 from captioner.training.checkpoint import resume_latest, save_checkpoint
-from captioner.training.config import TrainConfig
+from captioner.training.config import TrainConfig, _Settings
 from captioner.training.distributed import DistContext, broadcast_flag, init_distributed, shutdown
-
-METRIC_COLUMNS = ["epoch", "step", "train_loss", "val_BLEU-4", "val_CIDEr-D", "lr", "seconds"]
 
 
 def get_lr(step: int, total_steps: int, cfg: TrainConfig) -> float:
@@ -75,17 +74,61 @@ def prepare_data(cfg: TrainConfig, log=print) -> PreparedData:
     )
 
 
-def _settings_file(run_dir: Path, cfg: TrainConfig, restart: bool) -> None:
-    path = run_dir / "train_config.json"
+def save_settings(path: Path, cfg: _Settings, restart: bool) -> None:
+    """Save the run's settings next to it; a resumed run must keep them (bar the resumable ones)."""
     if path.is_file() and not restart:
-        saved = TrainConfig.from_json(read_json(path))
+        saved = type(cfg).from_json(read_json(path))
         changed = cfg.differences(saved)
         if changed:
             raise ConfigError(
-                f"{run_dir} holds a run with other settings ({', '.join(changed)}); resume it with "
-                "the same settings, pick another --run-dir, or pass --restart to start over"
+                f"{path.parent} holds a run with other settings ({', '.join(changed)}); resume it "
+                "with the same settings, pick another --run-dir, or pass --restart to start over"
             )
     atomic_write_json(path, cfg.to_json())
+
+
+@dataclass
+class TrainingFeatures:
+    """Cached encoder grids a run trains and validates on."""
+
+    train: torch.Tensor  # (V, N_train, P, C) fp16: view 0 plus the augmented views, train order
+    val: torch.Tensor  # (N_val, P, C) fp16, view 0
+    val_names: list[str]
+
+    def view_choice(self, seed: int, epoch: int) -> torch.Tensor:
+        """(N_train,) which view of each training image an epoch uses (seeded by the epoch)."""
+        generator = torch.Generator().manual_seed(seed * 7 + epoch)
+        return torch.randint(0, self.train.size(0), (self.train.size(1),), generator=generator)
+
+
+def load_training_features(
+    prepared: PreparedData, cfg: TrainConfig, progress: bool = True
+) -> TrainingFeatures:
+    """Extract whatever caches are missing, then load the training views and the dev grids."""
+    cache_dirs = ensure_features(
+        prepared,
+        cfg.encoder,
+        backend=cfg.backend,
+        augment_views=cfg.augment_views,
+        augment_strength=cfg.augment_strength,
+        augment_seed=cfg.seed,
+        progress=progress,
+    )
+    splits = prepared.splits
+    views = load_features(cache_dirs)
+    names0, feats0 = views[0]
+    row0 = {n: i for i, n in enumerate(names0)}
+    train_views = [feats0[torch.tensor([row0[n] for n in splits.train])]]
+    for view in range(1, cfg.augment_views + 1):
+        names_v, feats_v = views[view]
+        if names_v != splits.train:
+            raise DataError(f"augmented view {view} does not cover the training list in order")
+        train_views.append(feats_v)
+    val_names = splits.val[: cfg.val_images] if cfg.val_images else splits.val
+    if not val_names:
+        raise DataError("the dev split is empty: validation needs dev images")
+    val = feats0[torch.tensor([row0[n] for n in val_names])]
+    return TrainingFeatures(torch.stack(train_views), val, list(val_names))
 
 
 def validate(
@@ -118,7 +161,7 @@ def validate(
 
 def write_metrics(run_dir: Path, history: list[dict]) -> None:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS)
+    writer = csv.DictWriter(buffer, fieldnames=list(history[0]) if history else ["epoch"])
     writer.writeheader()
     writer.writerows(history)
     atomic_write_text(run_dir / "metrics.csv", buffer.getvalue())
@@ -126,6 +169,73 @@ def write_metrics(run_dir: Path, history: list[dict]) -> None:
         from captioner.viz.curves import plot_training_curves
 
         plot_training_curves(history, run_dir / "curves.png")
+
+
+class EpochRecorder:
+    """The end of an epoch, for `train` and `scst` alike: free-running dev validation, a
+    metrics.csv row and curves.png, the best model saved to best/, the weights kept for
+    averaging, and the patience count."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        decoder: ShowAttendTellDecoder,
+        vocab,
+        spec,
+        features: TrainingFeatures,
+        captions: dict,
+        *,
+        select_metric: str,
+        keep_epochs: int,
+        val_max_length: int,
+        extra: dict,
+        log=print,
+    ):
+        self.run_dir, self.decoder, self.vocab, self.spec = run_dir, decoder, vocab, spec
+        self.features, self.captions = features, captions
+        self.select_metric, self.keep_epochs = select_metric, keep_epochs
+        self.val_max_length, self.extra, self.log = val_max_length, extra, log
+
+    def end_epoch(self, state: dict, epoch: int, train_column: tuple[str, float], lr: float):
+        """Validate and record epoch ``epoch`` (0-based) in ``state``; True if it is the best."""
+        f = self.features
+        scores = validate(
+            self.decoder, f.val, f.val_names, self.captions, self.vocab, self.val_max_length
+        )
+        name, value = train_column
+        row = {
+            "epoch": epoch + 1,
+            "step": state["step"],
+            name: round(value, 4),
+            "val_BLEU-4": round(scores["BLEU-4"], 2),
+            "val_CIDEr-D": round(scores["CIDEr-D"], 2),
+            "lr": f"{lr:.2e}",
+            "seconds": round(state["seconds"], 1),
+        }
+        state["history"].append(row)
+        best = state["best"]
+        improved = best is None or scores[self.select_metric] > best["value"]
+        if improved:
+            state["best"] = {
+                "epoch": epoch + 1,
+                "value": scores[self.select_metric],
+                "metric": self.select_metric,
+            }
+            state["bad_epochs"] = 0
+            CaptioningModel(self.decoder, self.vocab, self.spec).save_pretrained(
+                self.run_dir / "best",
+                extra={"dev": {**scores, "epoch": epoch + 1}, **self.extra},
+            )
+        else:
+            state["bad_epochs"] += 1
+        write_metrics(self.run_dir, state["history"])
+        save_epoch_weights(self.run_dir, epoch + 1, self.decoder, self.keep_epochs)
+        self.log(
+            f"epoch {epoch + 1}: {name.replace('_', ' ')} {row[name]:.3f}  "
+            f"dev BLEU-4 {row['val_BLEU-4']:.2f}"
+            f"  CIDEr-D {row['val_CIDEr-D']:.2f}" + ("  (best)" if improved else "")
+        )
+        return improved
 
 
 def train(cfg: TrainConfig, restart: bool = False, log=print) -> Path:
@@ -144,49 +254,18 @@ def _train(cfg: TrainConfig, ctx: DistContext, restart: bool, log) -> Path:
     # data + features: rank 0 builds them, the others wait and then read them
     if ctx.is_main:
         prepared = prepare_data(cfg, log)
-        cache_dirs = ensure_features(
-            prepared,
-            cfg.encoder,
-            backend=cfg.backend,
-            augment_views=cfg.augment_views,
-            augment_strength=cfg.augment_strength,
-            augment_seed=cfg.seed,
-        )
+        features = load_training_features(prepared, cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
-        _settings_file(run_dir, cfg, restart)
+        save_settings(run_dir / "train_config.json", cfg, restart)
     ctx.barrier()
     if not ctx.is_main:
         prepared = PreparedData.load(cfg.work_dir)
-        cache_dirs = ensure_features(
-            prepared,
-            cfg.encoder,
-            augment_views=cfg.augment_views,
-            augment_strength=cfg.augment_strength,
-            augment_seed=cfg.seed,
-            progress=False,
-        )
+        features = load_training_features(prepared, cfg, progress=False)
     vocab, captions, splits = prepared.vocab, prepared.captions, prepared.splits
     spec = get_spec(cfg.encoder)
-    views = load_features(cache_dirs)
-    names0, feats0 = views[0]
-    row0 = {n: i for i, n in enumerate(names0)}
-    train_rows = torch.tensor([row0[n] for n in splits.train])
-    # (V, N_train, P, C) fp16: view 0 plus the augmented views, all in training-list order
-    train_views = [feats0[train_rows]]
-    for view in range(1, cfg.augment_views + 1):
-        names_v, feats_v = views[view]
-        if names_v != splits.train:
-            raise DataError(f"augmented view {view} does not cover the training list in order")
-        train_views.append(feats_v)
-    train_feats = torch.stack(train_views)
-    del views, train_views
     samples = build_samples(splits.train, captions, vocab, cfg.max_caption_length)
     captions_per_image = max(1, round(len(samples.lengths) / max(1, samples.num_images)))
     images_per_batch = max(1, cfg.batch_size // captions_per_image)
-    val_names = splits.val[: cfg.val_images] if cfg.val_images else splits.val
-    if not val_names:
-        raise DataError("the dev split is empty: validation needs dev images")
-    val_feats = feats0[torch.tensor([row0[n] for n in val_names])]
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -230,6 +309,20 @@ def _train(cfg: TrainConfig, ctx: DistContext, restart: bool, log) -> Path:
         for p in decoder.state_dict().values():
             torch.distributed.broadcast(p, src=0)
 
+    recorder = EpochRecorder(
+        run_dir,
+        decoder,
+        vocab,
+        spec,
+        features,
+        captions,
+        select_metric=cfg.select_metric,
+        keep_epochs=cfg.keep_epochs,
+        val_max_length=cfg.val_max_length,
+        extra={"train_config": cfg.to_json()},
+        log=log,
+    )
+
     def checkpoint():
         if ctx.is_main:
             save_checkpoint(
@@ -253,10 +346,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, restart: bool, log) -> Path:
         batches = image_batches(
             samples.num_images, images_per_batch, cfg.seed, epoch, ctx.rank, ctx.world_size
         )
-        view_gen = torch.Generator().manual_seed(cfg.seed * 7 + epoch)
-        view_choice = torch.randint(
-            0, train_feats.size(0), (samples.num_images,), generator=view_gen
-        )  # which view of each image this epoch
+        view_choice = features.view_choice(cfg.seed, epoch)
         bar = tqdm(
             total=len(batches),
             initial=state["batch"],
@@ -267,7 +357,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, restart: bool, log) -> Path:
         loss_sum, loss_count, seen, t0 = 0.0, 0, 0, time.perf_counter()
         for b in range(state["batch"], len(batches)):
             images = batches[b]  # (I,)
-            feats = train_feats[view_choice[images], images].float()  # (I, P, C)
+            feats = features.train[view_choice[images], images].float()  # (I, P, C)
             for group in optimizer.param_groups:
                 group["lr"] = get_lr(state["step"], total_steps, cfg)
             ce, idx = train_step(model, optimizer, feats, samples, images, cfg)
@@ -295,37 +385,12 @@ def _train(cfg: TrainConfig, ctx: DistContext, restart: bool, log) -> Path:
             checkpoint()
             break
         # end of epoch: free-running validation on rank 0, selection, early stopping
-        improved = False
         if ctx.is_main:
-            scores = validate(decoder, val_feats, val_names, captions, vocab, cfg.val_max_length)
-            row = {
-                "epoch": epoch + 1,
-                "step": state["step"],
-                "train_loss": round(loss_sum / max(loss_count, 1), 4),
-                "val_BLEU-4": round(scores["BLEU-4"], 2),
-                "val_CIDEr-D": round(scores["CIDEr-D"], 2),
-                "lr": f"{get_lr(state['step'], total_steps, cfg):.2e}",
-                "seconds": round(state["seconds"], 1),
-            }
-            state["history"].append(row)
-            best = state["best"]
-            value = scores[cfg.select_metric]
-            improved = best is None or value > best["value"]
-            if improved:
-                state["best"] = {"epoch": epoch + 1, "value": value, "metric": cfg.select_metric}
-                state["bad_epochs"] = 0
-                CaptioningModel(decoder, vocab, spec).save_pretrained(
-                    run_dir / "best",
-                    extra={"dev": {**scores, "epoch": epoch + 1}, "train_config": cfg.to_json()},
-                )
-            else:
-                state["bad_epochs"] += 1
-            write_metrics(run_dir, state["history"])
-            save_epoch_weights(run_dir, epoch + 1, decoder, cfg.keep_epochs)
-            log(
-                f"epoch {epoch + 1}: loss {row['train_loss']:.3f}  "
-                f"dev BLEU-4 {row['val_BLEU-4']:.2f}"
-                f"  CIDEr-D {row['val_CIDEr-D']:.2f}" + ("  (best)" if improved else "")
+            recorder.end_epoch(
+                state,
+                epoch,
+                ("train_loss", loss_sum / max(loss_count, 1)),
+                get_lr(state["step"], total_steps, cfg),
             )
         state["epoch"] = epoch + 1
         state["batch"] = 0

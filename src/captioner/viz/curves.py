@@ -1,4 +1,4 @@
-"""Training curves: loss and dev BLEU-4 / CIDEr-D per epoch, one PNG a person can glance at."""
+"""Training curves: loss (or SCST reward) and dev BLEU-4 / CIDEr-D per epoch, in one PNG."""
 
 from __future__ import annotations
 
@@ -12,8 +12,13 @@ from captioner.io import atomic_path
 def plot_training_curves(history: list[dict], out_path: str | Path) -> Path:
     epochs = [int(r["epoch"]) for r in history]
     fig = Figure(figsize=(11, 3.4), dpi=100)
+    first = (
+        ("train_reward", "mean sampled CIDEr-D (SCST)")
+        if "train_reward" in history[0]
+        else ("train_loss", "training cross-entropy")
+    )
     panels = [
-        ("train_loss", "training cross-entropy"),
+        first,
         ("val_BLEU-4", "dev BLEU-4 (greedy)"),
         ("val_CIDEr-D", "dev CIDEr-D (greedy)"),
     ]

@@ -1,0 +1,252 @@
+"""Self-critical sequence training: fine-tune a cross-entropy model on its own samples, rewarded
+by CIDEr-D (Rennie et al. 2017, with the mean of the other samples of the same image as the
+baseline, as in Luo 2020 "A Better Variant of Self-Critical Sequence Training").
+
+Teacher forcing only ever shows the decoder the human prefix; at test time it continues its own.
+Sampling whole captions and reinforcing those that beat their siblings closes that gap and
+optimises the metric the model is judged by. Runs resume from the latest checkpoint like
+`captioner train`, and each epoch is validated (greedy, dev split) and kept for averaging.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from captioner.data.vocab import Vocabulary
+from captioner.decoding.greedy import banned_ids, masked_log_probs, select_rows
+from captioner.errors import ConfigError
+from captioner.model.captioning_model import CaptioningModel
+from captioner.model.decoder import ShowAttendTellDecoder
+from captioner.training.batching import CaptionSamples, build_samples, image_batches
+from captioner.training.checkpoint import resume_latest, save_checkpoint
+from captioner.training.cider_reward import CiderD
+from captioner.training.config import ScstConfig, TrainConfig
+from captioner.training.loop import (
+    EpochRecorder,
+    load_training_features,
+    prepare_data,
+    save_settings,
+)
+
+
+@dataclass
+class SampledCaptions:
+    token_ids: list[list[int]]  # (N,) each without <end>; row n belongs to image n // K
+    log_prob_sums: torch.Tensor  # (N,) sum of the sampled tokens' log-probs (<end> included)
+    num_tokens: torch.Tensor  # (N,) tokens scored per row (<end> included)
+
+
+def sample_captions(
+    decoder: ShowAttendTellDecoder,
+    features: torch.Tensor,
+    num_samples: int,
+    max_length: int,
+    *,
+    start_id: int,
+    end_id: int,
+    banned: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> SampledCaptions:
+    """Sample ``num_samples`` captions per image of ``features`` (I, P, C), keeping the graph of
+    their log-probabilities. Finished rows leave the batch, as in greedy decoding."""
+    num_images = features.size(0)
+    n = num_images * num_samples
+    memory, state = decoder.start(features)  # per image
+    per_row = torch.arange(num_images).repeat_interleave(num_samples)  # (N,)
+    memory, state = select_rows(memory, per_row), select_rows(state, per_row)
+    active = torch.arange(n)  # (n,) the rows still going
+    tokens = torch.full((n,), start_id, dtype=torch.long)
+    log_prob_sums = torch.zeros(n)
+    num_tokens = torch.zeros(n)
+    sampled: list[list[int]] = [[] for _ in range(n)]
+    for t in range(max_length):
+        logits, state, _ = decoder.step(tokens, state, memory)  # (n, V)
+        log_probs = masked_log_probs(logits, banned)  # (n, V)
+        with torch.no_grad():
+            tokens = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(1)
+        chosen = log_probs.gather(1, tokens.unsqueeze(1)).squeeze(1)  # (n,)
+        log_prob_sums = log_prob_sums.index_add(0, active, chosen)
+        num_tokens.index_add_(0, active, torch.ones_like(chosen))
+        done = tokens == end_id
+        for row, token in zip(active[~done].tolist(), tokens[~done].tolist(), strict=True):
+            sampled[row].append(token)
+        if t == max_length - 1 or bool(done.all()):
+            break
+        if bool(done.any()):
+            keep = (~done).nonzero().squeeze(1)
+            active, tokens = active[keep], tokens[keep]
+            state, memory = select_rows(state, keep), select_rows(memory, keep)
+    return SampledCaptions(sampled, log_prob_sums, num_tokens)
+
+
+def self_critical_loss(
+    log_prob_sums: torch.Tensor, num_tokens: torch.Tensor, rewards: torch.Tensor
+) -> torch.Tensor:
+    """rewards (I, K): each sample's advantage is its reward minus the mean of its K-1 siblings';
+    the policy-gradient loss is averaged over the sampled tokens."""
+    k = rewards.size(1)
+    baseline = (rewards.sum(dim=1, keepdim=True) - rewards) / (k - 1)  # (I, K)
+    advantage = (rewards - baseline).reshape(-1)  # (N,)
+    return -(advantage * log_prob_sums).sum() / num_tokens.sum().clamp(min=1)
+
+
+def reference_corpus(samples: CaptionSamples) -> list[list[list[int]]]:
+    """The training captions of every image as token ids (no <start>/<end>), for CIDEr-D."""
+    corpus = []
+    for i in range(samples.num_images):
+        rows = range(int(samples.offsets[i]), int(samples.offsets[i + 1]))
+        corpus.append([samples.tokens[r, 1 : int(samples.lengths[r]) - 1].tolist() for r in rows])
+    return corpus
+
+
+def scst_step(
+    decoder: ShowAttendTellDecoder,
+    optimizer: torch.optim.Optimizer,
+    feats: torch.Tensor,
+    images: torch.Tensor,
+    cider: CiderD,
+    cfg: ScstConfig,
+    vocab: Vocabulary,
+    generator: torch.Generator,
+) -> tuple[float, float]:
+    """One update on the images (rows of ``feats`` (I, P, C); ``images`` their corpus index).
+    Returns (mean sampled reward, mean caption length)."""
+    banned = torch.tensor(banned_ids(vocab.pad_id, vocab.start_id, vocab.unk_id, True))
+    sampled = sample_captions(
+        decoder,
+        feats,
+        cfg.samples_per_image,
+        cfg.max_length,
+        start_id=vocab.start_id,
+        end_id=vocab.end_id,
+        banned=banned,
+        generator=generator,
+    )
+    owners = images.repeat_interleave(cfg.samples_per_image).tolist()
+    rewards = torch.tensor(cider.scores(sampled.token_ids, owners)).view(
+        -1, cfg.samples_per_image
+    )  # (I, K)
+    loss = self_critical_loss(sampled.log_prob_sums, sampled.num_tokens, rewards)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.grad_clip)
+    optimizer.step()
+    return float(rewards.mean()), float(sampled.num_tokens.mean())
+
+
+def train_scst(cfg: ScstConfig, restart: bool = False, log=print) -> Path:
+    """Fine-tune ``cfg.init_model`` with SCST (or resume it); return the best model's directory."""
+    run_dir = Path(cfg.run_dir)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    start = CaptioningModel.from_pretrained(cfg.init_model)
+    decoder, vocab, spec = start.decoder, start.vocab, start.encoder
+    data_cfg = TrainConfig(
+        data_dir=cfg.data_dir,
+        work_dir=cfg.work_dir,
+        encoder=spec.name,
+        backend=cfg.backend,
+        augment_views=cfg.augment_views,
+        augment_strength=cfg.augment_strength,
+        seed=cfg.seed,
+        val_images=cfg.val_images,
+    )
+    prepared = prepare_data(data_cfg, log)
+    if prepared.vocab.to_json() != vocab.to_json():
+        raise ConfigError(
+            f"{cfg.init_model} was trained with another vocabulary than {cfg.work_dir}'s"
+        )
+    features = load_training_features(prepared, data_cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_settings(run_dir / "scst_config.json", cfg, restart)
+    samples = build_samples(prepared.splits.train, prepared.captions, vocab)
+    cider = CiderD(reference_corpus(samples))
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    generator = torch.Generator()
+    optimizer = torch.optim.Adam(decoder.parameters(), lr=cfg.lr)
+    batches_per_epoch = len(image_batches(samples.num_images, cfg.images_per_batch, cfg.seed, 0))
+    state = {"epoch": 0, "batch": 0, "step": 0, "history": [], "best": None, "bad_epochs": 0}
+    state["seconds"] = 0.0
+    ckpt_root = run_dir / "checkpoints"
+    resumed = None if restart else resume_latest(ckpt_root, decoder, optimizer, log)
+    if resumed:
+        state.update(resumed)
+    recorder = EpochRecorder(
+        run_dir,
+        decoder,
+        vocab,
+        spec,
+        features,
+        prepared.captions,
+        select_metric=cfg.select_metric,
+        keep_epochs=cfg.keep_epochs,
+        val_max_length=cfg.val_max_length,
+        extra={"scst_config": cfg.to_json()},
+        log=log,
+    )
+
+    def checkpoint():
+        progress = {k: v for k, v in state.items() if k != "step"}
+        save_checkpoint(ckpt_root, state["step"], decoder, optimizer, progress, cfg.keep_last)
+
+    log(
+        f"self-critical training from {cfg.init_model}: {samples.num_images:,} images, "
+        f"{cfg.samples_per_image} samples each, {batches_per_epoch} batches/epoch"
+    )
+    decoder.train()
+    stop = state["epoch"] >= cfg.epochs or (cfg.max_steps and state["step"] >= cfg.max_steps)
+    while not stop:
+        epoch = state["epoch"]
+        batches = image_batches(samples.num_images, cfg.images_per_batch, cfg.seed, epoch)
+        view_choice = features.view_choice(cfg.seed, epoch)
+        bar = tqdm(
+            total=len(batches), initial=state["batch"], desc=f"scst {epoch + 1}/{cfg.epochs}"
+        )
+        reward_sum, count, t0 = 0.0, 0, time.perf_counter()
+        for b in range(state["batch"], len(batches)):
+            images = batches[b]
+            feats = features.train[view_choice[images], images].float()  # (I, P, C)
+            # samples depend on (seed, step) alone, so a resumed run draws what it would have
+            generator.manual_seed(cfg.seed * 1_000_003 + state["step"])
+            reward, length = scst_step(
+                decoder, optimizer, feats, images, cider, cfg, vocab, generator
+            )
+            state["step"] += 1
+            state["batch"] = b + 1
+            reward_sum += reward
+            count += 1
+            bar.update(1)
+            bar.set_postfix(reward=f"{reward_sum / count:.3f}", length=f"{length:.1f}")
+            if cfg.max_steps and state["step"] >= cfg.max_steps:
+                break
+            if state["step"] % cfg.checkpoint_every == 0 and b + 1 < len(batches):
+                state["seconds"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                checkpoint()
+        bar.close()
+        state["seconds"] += time.perf_counter() - t0
+        if state["batch"] < len(batches):  # stopped by --max-steps inside an epoch
+            checkpoint()
+            break
+        recorder.end_epoch(state, epoch, ("train_reward", reward_sum / max(count, 1)), cfg.lr)
+        state["epoch"] = epoch + 1
+        state["batch"] = 0
+        checkpoint()
+        early = bool(cfg.patience) and state["bad_epochs"] >= cfg.patience
+        if early:
+            log(f"early stopping: no better dev {cfg.select_metric} for {cfg.patience} epochs")
+        stop = (
+            early
+            or state["epoch"] >= cfg.epochs
+            or bool(cfg.max_steps and state["step"] >= cfg.max_steps)
+        )
+    return run_dir / "best"
