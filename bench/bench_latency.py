@@ -80,13 +80,13 @@ def make_random_model(path: Path, work_dir: Path, encoder: str) -> Path:
 
 
 def describe_model(path: Path, model) -> str:
-    from captioner.io import read_json
-
-    config = read_json(path / "config.json")
     d = model.decoder.config
-    dev = config.get("extra", {}).get("dev")
+    # training's best/ records its dev scores; bundle_model.py records the dev sweep's
+    dev = model.extra.get("dev") or model.extra.get("dev_selection", {}).get("dev_scores")
     trained = (
-        f"trained (dev {', '.join(f'{k} {v:.2f}' for k, v in dev.items() if k != 'epoch')})"
+        "trained (dev "
+        + ", ".join(f"{k} {v:.2f}" for k, v in dev.items() if isinstance(v, float))
+        + ")"
         if isinstance(dev, dict)
         else "no dev scores in config.json: possibly untrained (a random decoder never emits "
         "<end>, so every caption runs to max_length)"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import shutil
 from pathlib import Path
 
@@ -85,9 +84,8 @@ def main() -> None:
     out = Path(args.out)
     staging = out.with_name(out.name + ".staging")  # the old bundle stays until the new is whole
     shutil.rmtree(staging, ignore_errors=True)
-    config = json.loads((Path(model_dir) / "config.json").read_text())
     extra = {
-        **config.get("extra", {}),
+        **model.extra,
         "dev_selection": {
             "model": str(model_dir),
             "beam_size": beam,

@@ -336,6 +336,7 @@ def test_save_pretrained_round_trip(saved_model):
     assert loaded.decoder.config == original.decoder.config
     assert loaded.vocab.itos == original.vocab.itos
     assert loaded.encoder == SPEC
+    assert loaded.extra == {"note": "unit test"}
     for key, value in original.decoder.state_dict().items():
         assert torch.equal(loaded.decoder.state_dict()[key], value), key
     for a, b in zip(model_outputs(original), model_outputs(loaded), strict=True):
@@ -345,6 +346,7 @@ def test_save_pretrained_round_trip(saved_model):
 def test_save_without_extra_has_no_extra_key(tmp_path):
     path = make_model().save_pretrained(tmp_path / "m")
     assert "extra" not in json.loads((path / "config.json").read_text())
+    assert CaptioningModel.from_pretrained(path).extra == {}
 
 
 def test_fp16_save_loads_close(tmp_path):

@@ -188,6 +188,8 @@ def test_scst_run_resumes_exactly_records_and_refuses_changes(xe_model, tmp_path
         run / "epochs" / "epoch_001.safetensors"
     ).is_file()
     model = CaptioningModel.from_pretrained(best)
+    assert model.extra["scst_config"]["lr"] == 1e-3
+    assert model.extra["init_model"]["train_config"]["hidden_dim"] == 32  # provenance kept
     assert model.vocab.to_json() == CaptioningModel.from_pretrained(xe_model[0]).vocab.to_json()
 
     with pytest.raises(ConfigError, match="lr"):

@@ -40,6 +40,7 @@ class CaptioningModel:
         vocab: Vocabulary,
         encoder: EncoderSpec,
         generation: dict | None = None,
+        extra: dict | None = None,
     ):
         if decoder.config.vocab_size != len(vocab):
             raise ConfigError(
@@ -57,6 +58,9 @@ class CaptioningModel:
         self.vocab = vocab
         self.encoder = encoder
         self.generation = {**DEFAULT_GENERATION, **(generation or {})}
+        # provenance read from config.json (training settings, dev scores...); save_pretrained
+        # writes only the extra it is given, so a caller decides what still holds
+        self.extra: dict = dict(extra or {})
 
     def save_pretrained(
         self, path: str | Path, dtype: torch.dtype = torch.float32, extra: dict | None = None
@@ -133,4 +137,4 @@ class CaptioningModel:
                 generation = read_json(path / GENERATION_FILE)
             except json.JSONDecodeError as exc:
                 raise CheckpointError(f"{path / GENERATION_FILE}: not valid JSON ({exc})") from exc
-        return cls(decoder, vocab, encoder, generation)
+        return cls(decoder, vocab, encoder, generation, config.get("extra"))

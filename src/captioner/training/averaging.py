@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from captioner.errors import CheckpointError, ConfigError
-from captioner.io import atomic_path, read_json
-from captioner.model.captioning_model import CONFIG_FILE, CaptioningModel
+from captioner.io import atomic_path
+from captioner.model.captioning_model import CaptioningModel
 
 EPOCHS_DIR = "epochs"
 _EPOCH_FILE = re.compile(r"^epoch_(\d{3,})\.safetensors$")
@@ -100,8 +100,7 @@ def average_run(
         template.decoder.load_state_dict(averaged, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"epoch weights do not fit {run_dir / 'best'}: {exc}") from exc
-    best_extra = read_json(run_dir / "best" / CONFIG_FILE).get("extra", {})
-    extra = {k: v for k, v in best_extra.items() if k != "dev"}  # dev scores were best/'s own
+    extra = {k: v for k, v in template.extra.items() if k != "dev"}  # dev was best/'s own
     return template.save_pretrained(
         out_dir, extra={**extra, "averaged_epochs": chosen, "run": str(run_dir)}
     )

@@ -190,7 +190,7 @@ def train_scst(cfg: ScstConfig, restart: bool = False, log=print) -> Path:
         select_metric=cfg.select_metric,
         keep_epochs=cfg.keep_epochs,
         val_max_length=cfg.val_max_length,
-        extra={"scst_config": cfg.to_json()},
+        extra={"scst_config": cfg.to_json(), "init_model": start.extra},
         log=log,
     )
 
