@@ -238,6 +238,19 @@ class EpochRecorder:
         return improved
 
 
+def new_progress() -> dict:
+    """Where a run stands; checkpoints save it (minus the step, which names them) as JSON."""
+    return {
+        "epoch": 0,  # epochs finished
+        "batch": 0,  # batches finished in the current epoch
+        "step": 0,  # optimizer steps in all
+        "history": [],  # metrics.csv rows
+        "best": None,  # {"epoch", "value", "metric"} of the best dev score so far
+        "bad_epochs": 0,  # epochs since it last improved
+        "seconds": 0.0,  # training time, validation excluded
+    }
+
+
 def train(cfg: TrainConfig, restart: bool = False, log=print) -> Path:
     """Train (or resume) a run; return the directory of the best model."""
     ctx = init_distributed()
@@ -292,15 +305,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, restart: bool, log) -> Path:
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
 
-    state = {
-        "epoch": 0,
-        "batch": 0,
-        "step": 0,
-        "history": [],
-        "best": None,
-        "bad_epochs": 0,
-        "seconds": 0.0,
-    }
+    state = new_progress()
     ckpt_root = run_dir / "checkpoints"
     resumed = None if restart else resume_latest(ckpt_root, decoder, optimizer, log)
     if resumed:

@@ -30,6 +30,7 @@ from captioner.training.config import ScstConfig, TrainConfig
 from captioner.training.loop import (
     EpochRecorder,
     load_training_features,
+    new_progress,
     prepare_data,
     save_settings,
 )
@@ -174,8 +175,7 @@ def train_scst(cfg: ScstConfig, restart: bool = False, log=print) -> Path:
     generator = torch.Generator()
     optimizer = torch.optim.Adam(decoder.parameters(), lr=cfg.lr)
     batches_per_epoch = len(image_batches(samples.num_images, cfg.images_per_batch, cfg.seed, 0))
-    state = {"epoch": 0, "batch": 0, "step": 0, "history": [], "best": None, "bad_epochs": 0}
-    state["seconds"] = 0.0
+    state = new_progress()
     ckpt_root = run_dir / "checkpoints"
     resumed = None if restart else resume_latest(ckpt_root, decoder, optimizer, log)
     if resumed:
