@@ -9,6 +9,10 @@ from typing import TypeVar
 from captioner.errors import ConfigError
 
 SettingsT = TypeVar("SettingsT", bound="_Settings")
+SELECT_METRICS = ("CIDEr-D", "BLEU-4")
+AUGMENT_STRENGTHS = ("light", "medium", "strong")
+# settings that may change between a run and its resumption
+_RESUMABLE = ("epochs", "threads", "patience", "data_dir", "max_steps", "keep_epochs")
 
 
 def _f(default, help: str):  # noqa: A002 - mirrors argparse's name
@@ -19,6 +23,17 @@ class _Settings:
     """Saving, loading and comparing a settings dataclass (train_config.json, scst_config.json)."""
 
     RESUMABLE_CHANGES: tuple[str, ...] = ()
+
+    def _check_choice(self, name: str, allowed: tuple[str, ...]) -> None:
+        value = getattr(self, name)
+        if value not in allowed:
+            options = ", ".join(allowed[:-1]) + f" or {allowed[-1]}"
+            raise ConfigError(f"--{name.replace('_', '-')} must be {options}, not {value!r}")
+
+    def _check_positive(self, *names: str) -> None:
+        for name in names:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -87,30 +102,15 @@ class TrainConfig(_Settings):
     val_images: int = _f(0, "dev images decoded each epoch (0 = all)")
     val_max_length: int = _f(20, "longest caption decoded at validation")
 
-    # settings that may change between a run and its resumption
-    RESUMABLE_CHANGES = (
-        "epochs",
-        "threads",
-        "patience",
-        "data_dir",
-        "max_steps",
-        "keep_epochs",
-    )
+    RESUMABLE_CHANGES = _RESUMABLE
 
     def __post_init__(self) -> None:
-        if self.cell not in ("gru", "lstm"):
-            raise ConfigError(f"--cell must be gru or lstm, not {self.cell!r}")
-        if self.select_metric not in ("CIDEr-D", "BLEU-4"):
-            raise ConfigError(
-                f"--select-metric must be CIDEr-D or BLEU-4, not {self.select_metric!r}"
-            )
-        if self.augment_strength not in ("light", "medium", "strong"):
-            raise ConfigError("--augment-strength must be light, medium or strong")
+        self._check_choice("cell", ("gru", "lstm"))
+        self._check_choice("select_metric", SELECT_METRICS)
+        self._check_choice("augment_strength", AUGMENT_STRENGTHS)
         if self.keep_epochs < 0:
             raise ConfigError("--keep-epochs must be 0 or more")
-        for name in ("epochs", "batch_size", "checkpoint_every"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        self._check_positive("epochs", "batch_size", "checkpoint_every")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError("need 0 <= --min-lr <= --lr and --lr > 0")
 
@@ -148,21 +148,15 @@ class ScstConfig(_Settings):
     val_images: int = _f(0, "dev images decoded each epoch (0 = all)")
     val_max_length: int = _f(20, "longest caption decoded at validation")
 
-    RESUMABLE_CHANGES = ("epochs", "threads", "patience", "data_dir", "max_steps", "keep_epochs")
+    RESUMABLE_CHANGES = _RESUMABLE
 
     def __post_init__(self) -> None:
         if not self.init_model:
             raise ConfigError("--init-model is required: the model to fine-tune")
         if self.samples_per_image < 2:
             raise ConfigError("--samples-per-image must be at least 2 (the baseline needs peers)")
-        if self.select_metric not in ("CIDEr-D", "BLEU-4"):
-            raise ConfigError(
-                f"--select-metric must be CIDEr-D or BLEU-4, not {self.select_metric!r}"
-            )
-        if self.augment_strength not in ("light", "medium", "strong"):
-            raise ConfigError("--augment-strength must be light, medium or strong")
-        for name in ("epochs", "images_per_batch", "max_length", "checkpoint_every"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        self._check_choice("select_metric", SELECT_METRICS)
+        self._check_choice("augment_strength", AUGMENT_STRENGTHS)
+        self._check_positive("epochs", "images_per_batch", "max_length", "checkpoint_every")
         if self.lr <= 0 or self.keep_epochs < 0:
             raise ConfigError("need --lr > 0 and --keep-epochs >= 0")
