@@ -18,11 +18,19 @@ from captioner.errors import ConfigError
 from captioner.model.captioning_model import CaptioningModel
 from captioner.model.config import DecoderConfig
 from captioner.model.decoder import ShowAttendTellDecoder
+from captioner.training.batching import build_samples
 from captioner.training.checkpoint import list_checkpoints
 from captioner.training.cider_reward import CiderD
 from captioner.training.config import ScstConfig, TrainConfig
 from captioner.training.loop import train
-from captioner.training.scst import sample_captions, scst_step, self_critical_loss, train_scst
+from captioner.training.scst import (
+    reference_corpus,
+    sample_captions,
+    scst_lr,
+    scst_step,
+    self_critical_loss,
+    train_scst,
+)
 
 WORDS = "a dog cat man runs sits on the grass snow red blue ball with".split()
 VOCAB = [*SPECIAL_TOKENS, *WORDS]
@@ -92,6 +100,7 @@ def test_sampled_log_probs_are_the_models_own():
         for row, ids in enumerate(out.token_ids):
             assert len(ids) <= 7 and not set(ids) & set(banned.tolist()) and vocab.end_id not in ids
             ended = len(ids) < 7
+            assert out.finished[row] == ended
             steps = ids + [vocab.end_id] if ended else ids
             assert out.num_tokens[row] == len(steps)
             memory, state = decoder.start(features[row // 3 : row // 3 + 1])
@@ -121,6 +130,40 @@ def test_scst_updates_raise_the_reward():
     ]
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
     assert last > 2.0 * first, f"mean reward went from {first:.2f} to {last:.2f}"
+
+
+def test_reward_end_scores_an_unfinished_phrase_below_a_finished_one():
+    """With <end> counted, "a dog runs on the <end>" shares no 4-gram ending with the references,
+    so stopping mid-phrase costs reward that it would not cost without it."""
+    vocab = Vocabulary(VOCAB)
+    caption = "a dog runs on the snow"
+    samples = build_samples(["img"], {"img": [caption] * 3}, vocab)
+    plain, with_end = reference_corpus(samples), reference_corpus(samples, with_end=True)
+    assert with_end[0] == [ids + [vocab.end_id] for ids in plain[0]]
+    assert vocab.end_id not in plain[0][0] and vocab.start_id not in with_end[0][0]
+    # a second image, so that idf is not zero for every n-gram
+    other = build_samples(["x"], {"x": ["a man sits with a ball"] * 3}, vocab)
+    cider_plain = CiderD(plain + reference_corpus(other))
+    cider_end = CiderD(with_end + reference_corpus(other, with_end=True))
+    full = vocab.encode(caption, add_special=False)
+    cut = full[:-1]  # "a dog runs on the"
+    end = [vocab.end_id]
+    drop_plain = cider_plain.score(full, 0) - cider_plain.score(cut, 0)
+    drop_end = cider_end.score(full + end, 0) - cider_end.score(cut + end, 0)
+    assert drop_end > drop_plain > 0
+
+
+def test_scst_learning_rate_is_constant_or_a_cosine_to_min_lr():
+    constant = ScstConfig(init_model="m", lr=1e-4)
+    assert {scst_lr(s, 100, constant) for s in (0, 50, 100)} == {1e-4}
+    cosine = ScstConfig(init_model="m", lr=1e-4, min_lr=1e-5)
+    assert scst_lr(0, 100, cosine) == pytest.approx(1e-4)
+    assert scst_lr(50, 100, cosine) == pytest.approx(5.5e-5)
+    assert scst_lr(100, 100, cosine) == pytest.approx(1e-5)
+    with pytest.raises(ConfigError, match="min-lr"):
+        ScstConfig(init_model="m", lr=1e-4, min_lr=2e-4)
+    with pytest.raises(ConfigError, match="dropout"):
+        ScstConfig(init_model="m", dropout=1.0)
 
 
 @pytest.fixture(scope="module")

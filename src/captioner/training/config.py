@@ -134,7 +134,16 @@ class ScstConfig(_Settings):
         5, "captions sampled per image; each one's baseline is the mean reward of the others"
     )
     max_length: int = _f(20, "longest sampled caption")
-    lr: float = _f(5e-5, "learning rate (Adam, constant)")
+    lr: float = _f(5e-5, "learning rate (Adam)")
+    min_lr: float | None = _f(
+        None, "cosine decay from --lr to this over the run (default: --lr throughout)"
+    )
+    dropout: float | None = _f(
+        None, "dropout while sampling and updating (default: the init model's)"
+    )
+    reward_end: bool = _f(
+        False, "count <end> as a word in the CIDEr-D reward (penalises unfinished phrases)"
+    )
     grad_clip: float = _f(1.0, "clip the gradient norm to this (0 = off)")
     seed: int = _f(0, "random seed (batches, views, sampling)")
     threads: int = _f(0, "torch CPU threads (0 = all cores)")
@@ -160,3 +169,7 @@ class ScstConfig(_Settings):
         self._check_positive("epochs", "images_per_batch", "max_length", "checkpoint_every")
         if self.lr <= 0 or self.keep_epochs < 0:
             raise ConfigError("need --lr > 0 and --keep-epochs >= 0")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+            raise ConfigError("need 0 <= --min-lr <= --lr")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ConfigError(f"--dropout must be in [0, 1), not {self.dropout}")

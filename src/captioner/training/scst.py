@@ -10,6 +10,7 @@ optimises the metric the model is judged by. Runs resume from the latest checkpo
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ class SampledCaptions:
     token_ids: list[list[int]]  # (N,) each without <end>; row n belongs to image n // K
     log_prob_sums: torch.Tensor  # (N,) sum of the sampled tokens' log-probs (<end> included)
     num_tokens: torch.Tensor  # (N,) tokens scored per row (<end> included)
+    finished: list[bool]  # (N,) whether the row ended with <end> (not cut at max_length)
 
 
 def sample_captions(
@@ -66,6 +68,7 @@ def sample_captions(
     log_prob_sums = torch.zeros(n)
     num_tokens = torch.zeros(n)
     sampled: list[list[int]] = [[] for _ in range(n)]
+    finished = [False] * n
     for t in range(max_length):
         logits, state, _ = decoder.step(tokens, state, memory)  # (n, V)
         log_probs = masked_log_probs(logits, banned)  # (n, V)
@@ -77,13 +80,15 @@ def sample_captions(
         done = tokens == end_id
         for row, token in zip(active[~done].tolist(), tokens[~done].tolist(), strict=True):
             sampled[row].append(token)
+        for row in active[done].tolist():
+            finished[row] = True
         if t == max_length - 1 or bool(done.all()):
             break
         if bool(done.any()):
             keep = (~done).nonzero().squeeze(1)
             active, tokens = active[keep], tokens[keep]
             state, memory = select_rows(state, keep), select_rows(memory, keep)
-    return SampledCaptions(sampled, log_prob_sums, num_tokens)
+    return SampledCaptions(sampled, log_prob_sums, num_tokens, finished)
 
 
 def self_critical_loss(
@@ -97,13 +102,23 @@ def self_critical_loss(
     return -(advantage * log_prob_sums).sum() / num_tokens.sum().clamp(min=1)
 
 
-def reference_corpus(samples: CaptionSamples) -> list[list[list[int]]]:
-    """The training captions of every image as token ids (no <start>/<end>), for CIDEr-D."""
+def reference_corpus(samples: CaptionSamples, with_end: bool = False) -> list[list[list[int]]]:
+    """The training captions of every image as token ids for CIDEr-D: no <start>, and <end> only
+    when ``with_end`` (then "in the <end>" is an n-gram no reference has)."""
     corpus = []
+    cut = 0 if with_end else 1
     for i in range(samples.num_images):
         rows = range(int(samples.offsets[i]), int(samples.offsets[i + 1]))
-        corpus.append([samples.tokens[r, 1 : int(samples.lengths[r]) - 1].tolist() for r in rows])
+        corpus.append([samples.tokens[r, 1 : int(samples.lengths[r]) - cut].tolist() for r in rows])
     return corpus
+
+
+def scst_lr(step: int, total_steps: int, cfg: ScstConfig) -> float:
+    """Constant --lr, or a cosine decay from --lr to --min-lr over the run (a function of step)."""
+    if cfg.min_lr is None:
+        return cfg.lr
+    progress = min(1.0, step / max(1, total_steps))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def scst_step(
@@ -130,7 +145,13 @@ def scst_step(
         generator=generator,
     )
     owners = images.repeat_interleave(cfg.samples_per_image).tolist()
-    rewards = torch.tensor(cider.scores(sampled.token_ids, owners)).view(
+    candidates = sampled.token_ids
+    if cfg.reward_end:
+        candidates = [
+            ids + [vocab.end_id] if done else ids
+            for ids, done in zip(candidates, sampled.finished, strict=True)
+        ]
+    rewards = torch.tensor(cider.scores(candidates, owners)).view(
         -1, cfg.samples_per_image
     )  # (I, K)
     loss = self_critical_loss(sampled.log_prob_sums, sampled.num_tokens, rewards)
@@ -168,13 +189,16 @@ def train_scst(cfg: ScstConfig, restart: bool = False, log=print) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_settings(run_dir / "scst_config.json", cfg, restart)
     samples = build_samples(prepared.splits.train, prepared.captions, vocab)
-    cider = CiderD(reference_corpus(samples))
+    cider = CiderD(reference_corpus(samples, with_end=cfg.reward_end))
+    if cfg.dropout is not None:
+        decoder.dropout.p = cfg.dropout
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     generator = torch.Generator()
     optimizer = torch.optim.Adam(decoder.parameters(), lr=cfg.lr)
     batches_per_epoch = len(image_batches(samples.num_images, cfg.images_per_batch, cfg.seed, 0))
+    total_steps = cfg.epochs * batches_per_epoch
     state = new_progress()
     ckpt_root = run_dir / "checkpoints"
     resumed = None if restart else resume_latest(ckpt_root, decoder, optimizer, log)
@@ -217,6 +241,8 @@ def train_scst(cfg: ScstConfig, restart: bool = False, log=print) -> Path:
             feats = features.train[view_choice[images], images].float()  # (I, P, C)
             # samples depend on (seed, step) alone, so a resumed run draws what it would have
             generator.manual_seed(cfg.seed * 1_000_003 + state["step"])
+            for group in optimizer.param_groups:
+                group["lr"] = scst_lr(state["step"], total_steps, cfg)
             reward, length = scst_step(
                 decoder, optimizer, feats, images, cider, cfg, vocab, generator
             )
@@ -237,7 +263,12 @@ def train_scst(cfg: ScstConfig, restart: bool = False, log=print) -> Path:
         if state["batch"] < len(batches):  # stopped by --max-steps inside an epoch
             checkpoint()
             break
-        recorder.end_epoch(state, epoch, ("train_reward", reward_sum / max(count, 1)), cfg.lr)
+        recorder.end_epoch(
+            state,
+            epoch,
+            ("train_reward", reward_sum / max(count, 1)),
+            scst_lr(state["step"], total_steps, cfg),
+        )
         state["epoch"] = epoch + 1
         state["batch"] = 0
         checkpoint()
