@@ -126,9 +126,25 @@ def test_encoder_specs():
         "std": 128.0,
         "revision": 2,
     }
-    assert set(ENCODERS) == {"efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"}
+    assert set(ENCODERS) == {
+        "efficientnet-lite0",
+        "efficientnet-lite1",
+        "efficientnet-lite2",
+        "efficientnet-lite2-224",
+    }
     with pytest.raises(ConfigError, match="unknown encoder 'resnet'"):
         get_spec("resnet")
+
+
+def test_lite2_224_is_lite2s_weights_on_a_7x7_grid():
+    """The 224 px variant must load lite2's ImageNet weights, not fall back to anything else."""
+    spec = get_spec("efficientnet-lite2-224")
+    assert (spec.image_size, spec.grid, spec.num_pixels) == (224, 7, 49)
+    native, small = build_encoder("efficientnet-lite2"), build_encoder("efficientnet-lite2-224")
+    a, b = native.state_dict(), small.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with torch.no_grad():
+        assert small(torch.zeros(1, 3, 224, 224)).shape == (1, 49, 1280)
 
 
 def test_preprocess_normalises_and_resizes():

