@@ -59,19 +59,21 @@ def train_step(
     return float(ce), idx
 
 
-def prepare_data(cfg: TrainConfig, log=print) -> PreparedData:
-    """Run `prepare` when its outputs are missing, as the original train.py did."""
-    work = Path(cfg.work_dir)
-    if (work / "dataset.json").is_file() and cfg.data_dir is None:
+def prepare_data(
+    work_dir: str | Path,
+    data_dir: str | None,
+    settings: PrepareSettings | None = None,
+    log=print,
+) -> PreparedData:
+    """Run `prepare` when its outputs are missing (or a data dir is given), as the original
+    train.py did; otherwise load what it wrote."""
+    work = Path(work_dir)
+    if (work / "dataset.json").is_file() and data_dir is None:
         return PreparedData.load(work)
-    if cfg.data_dir is None:
+    if data_dir is None:
         raise DataError(f"{work} is not prepared yet: pass --data-dir with the raw dataset")
-    log(f"preparing {cfg.data_dir} into {work}")
-    return prepare(
-        cfg.data_dir,
-        work,
-        PrepareSettings(num_words=cfg.num_words or None, min_count=cfg.min_count),
-    )
+    log(f"preparing {data_dir} into {work}")
+    return prepare(data_dir, work, settings or PrepareSettings())
 
 
 def save_settings(path: Path, cfg: _Settings, restart: bool) -> None:
@@ -102,16 +104,25 @@ class TrainingFeatures:
 
 
 def load_training_features(
-    prepared: PreparedData, cfg: TrainConfig, progress: bool = True
+    prepared: PreparedData,
+    encoder: str,
+    *,
+    backend: str = "auto",
+    augment_views: int = 0,
+    augment_strength: str = "medium",
+    augment_seed: int = 0,
+    val_images: int = 0,
+    progress: bool = True,
 ) -> TrainingFeatures:
-    """Extract whatever caches are missing, then load the training views and the dev grids."""
+    """Extract whatever caches are missing, then load the training views and the dev grids
+    (the first ``val_images`` dev images, or all of them when 0)."""
     cache_dirs = ensure_features(
         prepared,
-        cfg.encoder,
-        backend=cfg.backend,
-        augment_views=cfg.augment_views,
-        augment_strength=cfg.augment_strength,
-        augment_seed=cfg.seed,
+        encoder,
+        backend=backend,
+        augment_views=augment_views,
+        augment_strength=augment_strength,
+        augment_seed=augment_seed,
         progress=progress,
     )
     splits = prepared.splits
@@ -119,12 +130,12 @@ def load_training_features(
     names0, feats0 = views[0]
     row0 = {n: i for i, n in enumerate(names0)}
     train_views = [feats0[torch.tensor([row0[n] for n in splits.train])]]
-    for view in range(1, cfg.augment_views + 1):
+    for view in range(1, augment_views + 1):
         names_v, feats_v = views[view]
         if names_v != splits.train:
             raise DataError(f"augmented view {view} does not cover the training list in order")
         train_views.append(feats_v)
-    val_names = splits.val[: cfg.val_images] if cfg.val_images else splits.val
+    val_names = splits.val[:val_images] if val_images else splits.val
     if not val_names:
         raise DataError("the dev split is empty: validation needs dev images")
     val = feats0[torch.tensor([row0[n] for n in val_names])]
@@ -265,15 +276,23 @@ def _train(cfg: TrainConfig, ctx: DistContext, restart: bool, log) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     # data + features: rank 0 builds them, the others wait and then read them
+    feature_settings = dict(
+        backend=cfg.backend,
+        augment_views=cfg.augment_views,
+        augment_strength=cfg.augment_strength,
+        augment_seed=cfg.seed,
+        val_images=cfg.val_images,
+    )
     if ctx.is_main:
-        prepared = prepare_data(cfg, log)
-        features = load_training_features(prepared, cfg)
+        prepare_settings = PrepareSettings(num_words=cfg.num_words or None, min_count=cfg.min_count)
+        prepared = prepare_data(cfg.work_dir, cfg.data_dir, prepare_settings, log)
+        features = load_training_features(prepared, cfg.encoder, **feature_settings)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_settings(run_dir / "train_config.json", cfg, restart)
     ctx.barrier()
     if not ctx.is_main:
         prepared = PreparedData.load(cfg.work_dir)
-        features = load_training_features(prepared, cfg, progress=False)
+        features = load_training_features(prepared, cfg.encoder, **feature_settings, progress=False)
     vocab, captions, splits = prepared.vocab, prepared.captions, prepared.splits
     spec = get_spec(cfg.encoder)
     samples = build_samples(splits.train, captions, vocab, cfg.max_caption_length)

@@ -27,7 +27,7 @@ from captioner.model.decoder import ShowAttendTellDecoder
 from captioner.training.batching import CaptionSamples, build_samples, image_batches
 from captioner.training.checkpoint import resume_latest, save_checkpoint
 from captioner.training.cider_reward import CiderD
-from captioner.training.config import ScstConfig, TrainConfig
+from captioner.training.config import ScstConfig
 from captioner.training.loop import (
     EpochRecorder,
     load_training_features,
@@ -170,22 +170,20 @@ def train_scst(cfg: ScstConfig, restart: bool = False, log=print) -> Path:
         torch.set_num_threads(cfg.threads)
     start = CaptioningModel.from_pretrained(cfg.init_model)
     decoder, vocab, spec = start.decoder, start.vocab, start.encoder
-    data_cfg = TrainConfig(
-        data_dir=cfg.data_dir,
-        work_dir=cfg.work_dir,
-        encoder=spec.name,
-        backend=cfg.backend,
-        augment_views=cfg.augment_views,
-        augment_strength=cfg.augment_strength,
-        seed=cfg.seed,
-        val_images=cfg.val_images,
-    )
-    prepared = prepare_data(data_cfg, log)
+    prepared = prepare_data(cfg.work_dir, cfg.data_dir, log=log)
     if prepared.vocab.to_json() != vocab.to_json():
         raise ConfigError(
             f"{cfg.init_model} was trained with another vocabulary than {cfg.work_dir}'s"
         )
-    features = load_training_features(prepared, data_cfg)
+    features = load_training_features(
+        prepared,
+        spec.name,
+        backend=cfg.backend,
+        augment_views=cfg.augment_views,
+        augment_strength=cfg.augment_strength,
+        augment_seed=cfg.seed,
+        val_images=cfg.val_images,
+    )
     run_dir.mkdir(parents=True, exist_ok=True)
     save_settings(run_dir / "scst_config.json", cfg, restart)
     samples = build_samples(prepared.splits.train, prepared.captions, vocab)
