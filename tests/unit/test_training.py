@@ -240,8 +240,12 @@ def test_epoch_weights_are_kept_and_averaged(small_data, tmp_path):
     a, b = load_file(str(kept[2])), load_file(str(kept[3]))
     assert any(not torch.equal(a[k], b[k]) for k in a)  # training moved the weights
 
+    # a resumed run may extend --epochs after best/ was saved: provenance takes the final value
+    settings = json.loads((run_dir / "train_config.json").read_text())
+    (run_dir / "train_config.json").write_text(json.dumps({**settings, "epochs": 4}))
     out = average_run(run_dir, tmp_path / "avg", last=2)
     model = CaptioningModel.from_pretrained(out)
+    assert model.extra["train_config"]["epochs"] == 4
     for key, value in model.decoder.state_dict().items():
         torch.testing.assert_close(value, (a[key] + b[key]) / 2, msg=key)
     config = json.loads((out / "config.json").read_text())

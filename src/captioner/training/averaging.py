@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from captioner.errors import CheckpointError, ConfigError
-from captioner.io import atomic_path
+from captioner.io import atomic_path, read_json
 from captioner.model.captioning_model import CaptioningModel
 
 EPOCHS_DIR = "epochs"
@@ -101,6 +101,12 @@ def average_run(
     except RuntimeError as exc:
         raise CheckpointError(f"epoch weights do not fit {run_dir / 'best'}: {exc}") from exc
     extra = {k: v for k, v in template.extra.items() if k != "dev"}  # dev was best/'s own
+    # best/ keeps the settings of the process that saved it; a later resume may have changed a
+    # resumable one (--epochs), and the run's settings file has the final values
+    for name in ("train_config", "scst_config"):
+        settings = run_dir / f"{name}.json"
+        if name in extra and settings.is_file():
+            extra[name] = read_json(settings)
     return template.save_pretrained(
         out_dir, extra={**extra, "averaged_epochs": chosen, "run": str(run_dir)}
     )
