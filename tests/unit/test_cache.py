@@ -376,6 +376,10 @@ def test_view_seed_and_cache_dir():
     assert view_seed("a.png", 1, 0) == view_seed("a.png", 1, 0)
     assert all(0 <= s < 2**31 for s in seeds)
     assert cache_dir_for(Path("root"), ENCODER, 224, 3) == Path("root", f"{ENCODER}-224", "view3")
+    default = {"seed": 0, "strength": "medium"}
+    assert cache_dir_for(Path("r"), ENCODER, 224, 1, default).name == "view1"
+    other = cache_dir_for(Path("r"), ENCODER, 224, 1, {"seed": 3, "strength": "strong"})
+    assert other.name == "view1-strong-seed3"  # never the default run's folder
 
 
 def test_augmented_view_differs_and_is_deterministic(
@@ -462,11 +466,15 @@ def test_ensure_features(small_prepared, ort_extractor, monkeypatch):
     monkeypatch.setattr(pipeline, "FeatureExtractor", refuse)
     assert ensure_features(small_prepared, augment_views=1, progress=False) == dirs
 
-    # another augmentation seed makes view 1 stale, view 0 stays
+    # another augmentation seed gets its own view 1 folder; view 0 and the seed-0 view 1 stay
     monkeypatch.setattr(pipeline, "FeatureExtractor", factory)
-    ensure_features(small_prepared, augment_views=1, augment_seed=5, batch_size=4, progress=False)
+    seeded = ensure_features(
+        small_prepared, augment_views=1, augment_seed=5, batch_size=4, progress=False
+    )
+    assert seeded == {0: root / "view0", 1: root / "view1-medium-seed5"}
     assert len(made) == 2 and made[1].images == 4
-    assert manifest(dirs[1])["augment"] == {"seed": 5, "strength": "medium"}
+    assert manifest(seeded[1])["augment"] == {"seed": 5, "strength": "medium"}
+    assert manifest(dirs[1])["augment"] == {"seed": 0, "strength": "medium"}  # not overwritten
 
     # a cache made by an older encoder revision (same name and size) is stale, not current
     old = manifest(dirs[0])

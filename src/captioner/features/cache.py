@@ -46,8 +46,16 @@ def view_seed(name: str, view: int, seed: int) -> int:
     return (zlib.crc32(name.encode()) + 1_000_003 * view + 7919 * seed) % (2**31)
 
 
-def cache_dir_for(root: Path, encoder: str, image_size: int, view: int) -> Path:
-    return Path(root) / f"{encoder}-{image_size}" / f"view{view}"
+def cache_dir_for(
+    root: Path, encoder: str, image_size: int, view: int, augment: dict | None = None
+) -> Path:
+    """view0, and view1, view2... for the default augmentation (seed 0, medium); other seeds or
+    strengths get their own folders (view1-strong-seed3), so trying one never overwrites another
+    run's cache (and two runs with different seeds never write the same files)."""
+    name = f"view{view}"
+    if view and augment and (augment["seed"], augment["strength"]) != (0, "medium"):
+        name += f"-{augment['strength']}-seed{augment['seed']}"
+    return Path(root) / f"{encoder}-{image_size}" / name
 
 
 def _expected_manifest(

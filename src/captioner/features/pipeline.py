@@ -41,8 +41,8 @@ def ensure_features(
     dirs = {}
     for view in range(augment_views + 1):
         names = split_images(prepared) if view == 0 else prepared.splits.train
-        cache_dir = cache_dir_for(feature_root(prepared), encoder, spec.image_size, view)
         augment = {"seed": augment_seed, "strength": augment_strength} if view else None
+        cache_dir = cache_dir_for(feature_root(prepared), encoder, spec.image_size, view, augment)
         current = is_current(
             cache_dir, prepared.images_dir, names, spec, view=view, augment=augment
         )
