@@ -4,10 +4,12 @@ model's, the update raises the reward it is given, and a run resumes and refuses
 from __future__ import annotations
 
 import csv
+import math
 import random
 
 import pytest
 import torch
+from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from safetensors.torch import load_file
 
@@ -19,6 +21,7 @@ from captioner.model.captioning_model import CaptioningModel
 from captioner.model.config import DecoderConfig
 from captioner.model.decoder import ShowAttendTellDecoder
 from captioner.training.batching import build_samples
+from captioner.training.bleu_reward import SentenceBleu
 from captioner.training.checkpoint import list_checkpoints
 from captioner.training.cider_reward import CiderD
 from captioner.training.config import ScstConfig, TrainConfig
@@ -64,6 +67,31 @@ def test_cider_reward_equals_pycocoevalcap_on_the_same_corpus():
     assert ours == pytest.approx(list(per_image), abs=1e-12)
     assert sum(ours) / len(ours) == pytest.approx(corpus_score, abs=1e-12)
     assert ours[0] > 1.0 and ours[1] == 0.0
+
+
+def test_sentence_bleu1_equals_pycocoevalcap_per_caption(capsys):
+    rng = random.Random(1)
+    sentence = lambda: " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 9)))  # noqa: E731
+    refs = {f"img{i}": [sentence() for _ in range(5)] for i in range(12)}
+    hyps = {k: [sentence()] for k in refs}
+    hyps["img0"] = ["a"]  # far shorter than every reference: brevity penalty
+    _, per_caption = Bleu(1).compute_score(refs, hyps, verbose=0)
+    capsys.readouterr()  # Bleu prints its length ratio
+    bleu = SentenceBleu([[r.split() for r in refs[k]] for k in refs], order=1)
+    ours = bleu.scores([hyps[k][0].split() for k in refs], range(len(refs)))
+    assert ours == pytest.approx(list(per_caption[0]), abs=1e-6)
+    assert 0 < ours[0] < 0.2
+
+
+def test_sentence_bleu2_clips_smooths_and_penalises_brevity():
+    bleu = SentenceBleu([[["a", "dog", "runs", "on", "the", "snow"]]], order=2)
+    assert bleu.score(["a", "dog", "runs", "on", "the", "snow"], 0) == pytest.approx(1.0)
+    # "the the the": unigrams clipped to 1/3, bigrams (0 + 1) / (2 + 1), brevity exp(1 - 6/3)
+    expected = math.exp(1 - 6 / 3) * math.sqrt((1 / 3) * (1 / 3))
+    assert bleu.score(["the", "the", "the"], 0) == pytest.approx(expected)
+    assert bleu.score(["cat"], 0) == 0.0 and bleu.score([], 0) == 0.0
+    with pytest.raises(ValueError, match="order"):
+        SentenceBleu([[["a"]]], order=5)
 
 
 def test_self_critical_loss_pushes_up_samples_that_beat_their_siblings():
@@ -130,6 +158,38 @@ def test_scst_updates_raise_the_reward():
     ]
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
     assert last > 2.0 * first, f"mean reward went from {first:.2f} to {last:.2f}"
+
+
+def test_scst_step_adds_the_weighted_bleu_term_to_the_reward():
+    vocab = Vocabulary(VOCAB)
+    refs = [["a dog runs on the snow"] * 3, ["a man sits on the red ball"] * 3]
+    corpus = [[vocab.encode(r, add_special=False) for r in image] for image in refs]
+    cider, bleu = CiderD(corpus), SentenceBleu(corpus, order=1)
+    features, images = torch.randn(2, 4, 16), torch.tensor([0, 1])
+    rewards = {}
+    for weight in (0.0, 2.0):
+        decoder = _tiny_decoder(len(vocab)).eval()
+        optimizer = torch.optim.Adam(decoder.parameters(), lr=0.0)  # same samples both times
+        cfg = ScstConfig(init_model="unused", samples_per_image=4, max_length=8, bleu_weight=weight)
+        generator = torch.Generator().manual_seed(3)
+        rewards[weight] = scst_step(
+            decoder, optimizer, features, images, cider, cfg, vocab, generator, bleu
+        )[0]
+    generator = torch.Generator().manual_seed(3)
+    sampled = sample_captions(
+        _tiny_decoder(len(vocab)).eval(),
+        features,
+        4,
+        8,
+        start_id=vocab.start_id,
+        end_id=vocab.end_id,
+        banned=torch.tensor(banned_ids(vocab.pad_id, vocab.start_id, vocab.unk_id, True)),
+        generator=generator,
+    )
+    owners = [0] * 4 + [1] * 4
+    mean_bleu = sum(bleu.scores(sampled.token_ids, owners)) / 8
+    assert mean_bleu > 0
+    assert rewards[2.0] == pytest.approx(rewards[0.0] + 2.0 * mean_bleu, abs=1e-6)
 
 
 def test_reward_end_scores_an_unfinished_phrase_below_a_finished_one():

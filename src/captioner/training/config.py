@@ -146,6 +146,10 @@ class ScstConfig(_Settings):
     reward_end: bool = _f(
         False, "count <end> as a word in the CIDEr-D reward (penalises unfinished phrases)"
     )
+    bleu_weight: float = _f(
+        0.0, "reward = CIDEr-D + this x sentence BLEU (0 = CIDEr-D alone); raises BLEU-1"
+    )
+    bleu_order: int = _f(1, "n-gram order of that BLEU term (1 to 4)")
     grad_clip: float = _f(1.0, "clip the gradient norm to this (0 = off)")
     seed: int = _f(0, "random seed (batches, views, sampling)")
     threads: int = _f(0, "torch CPU threads (0 = all cores)")
@@ -173,5 +177,7 @@ class ScstConfig(_Settings):
             raise ConfigError("need --lr > 0 and --keep-epochs >= 0")
         if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
             raise ConfigError("need 0 <= --min-lr <= --lr")
+        if self.bleu_weight < 0 or not 1 <= self.bleu_order <= 4:
+            raise ConfigError("need --bleu-weight >= 0 and --bleu-order from 1 to 4")
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise ConfigError(f"--dropout must be in [0, 1), not {self.dropout}")

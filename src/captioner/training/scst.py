@@ -25,6 +25,7 @@ from captioner.errors import ConfigError
 from captioner.model.captioning_model import CaptioningModel
 from captioner.model.decoder import ShowAttendTellDecoder
 from captioner.training.batching import CaptionSamples, build_samples, image_batches
+from captioner.training.bleu_reward import SentenceBleu
 from captioner.training.checkpoint import resume_latest, save_checkpoint
 from captioner.training.cider_reward import CiderD
 from captioner.training.config import ScstConfig
@@ -130,8 +131,10 @@ def scst_step(
     cfg: ScstConfig,
     vocab: Vocabulary,
     generator: torch.Generator,
+    bleu: SentenceBleu | None = None,
 ) -> tuple[float, float]:
     """One update on the images (rows of ``feats`` (I, P, C); ``images`` their corpus index).
+    The reward is CIDEr-D, plus ``cfg.bleu_weight`` x ``bleu`` when given.
     Returns (mean sampled reward, mean caption length)."""
     banned = torch.tensor(banned_ids(vocab.pad_id, vocab.start_id, vocab.unk_id, True))
     sampled = sample_captions(
@@ -151,9 +154,11 @@ def scst_step(
             ids + [vocab.end_id] if done else ids
             for ids, done in zip(candidates, sampled.finished, strict=True)
         ]
-    rewards = torch.tensor(cider.scores(candidates, owners)).view(
-        -1, cfg.samples_per_image
-    )  # (I, K)
+    scores = cider.scores(candidates, owners)
+    if bleu is not None and cfg.bleu_weight > 0:
+        extra = bleu.scores(sampled.token_ids, owners)  # words only: <end> is not a word here
+        scores = [c + cfg.bleu_weight * b for c, b in zip(scores, extra, strict=True)]
+    rewards = torch.tensor(scores).view(-1, cfg.samples_per_image)  # (I, K)
     loss = self_critical_loss(sampled.log_prob_sums, sampled.num_tokens, rewards)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -188,6 +193,7 @@ def train_scst(cfg: ScstConfig, restart: bool = False, log=print) -> Path:
     save_settings(run_dir / "scst_config.json", cfg, restart)
     samples = build_samples(prepared.splits.train, prepared.captions, vocab)
     cider = CiderD(reference_corpus(samples, with_end=cfg.reward_end))
+    bleu = SentenceBleu(reference_corpus(samples), cfg.bleu_order) if cfg.bleu_weight else None
     if cfg.dropout is not None:
         decoder.dropout.p = cfg.dropout
 
@@ -242,7 +248,7 @@ def train_scst(cfg: ScstConfig, restart: bool = False, log=print) -> Path:
             for group in optimizer.param_groups:
                 group["lr"] = scst_lr(state["step"], total_steps, cfg)
             reward, length = scst_step(
-                decoder, optimizer, feats, images, cider, cfg, vocab, generator
+                decoder, optimizer, feats, images, cider, cfg, vocab, generator, bleu
             )
             state["step"] += 1
             state["batch"] = b + 1
