@@ -28,12 +28,18 @@ from captioner.training.config import TrainConfig, _Settings
 from captioner.training.distributed import DistContext, broadcast_flag, init_distributed, shutdown
 
 
+def cosine_decay(lr: float, min_lr: float, progress: float) -> float:
+    """lr at progress 0, min_lr at progress 1 (and beyond), half a cosine in between."""
+    progress = min(1.0, progress)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
 def get_lr(step: int, total_steps: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine decay from lr to min_lr (a pure function of the step)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    return cosine_decay(cfg.lr, cfg.min_lr, progress)
 
 
 def train_step(

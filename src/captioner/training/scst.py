@@ -10,7 +10,6 @@ optimises the metric the model is judged by. Runs resume from the latest checkpo
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from captioner.training.cider_reward import CiderD
 from captioner.training.config import ScstConfig
 from captioner.training.loop import (
     EpochRecorder,
+    cosine_decay,
     load_training_features,
     new_progress,
     prepare_data,
@@ -118,8 +118,7 @@ def scst_lr(step: int, total_steps: int, cfg: ScstConfig) -> float:
     """Constant --lr, or a cosine decay from --lr to --min-lr over the run (a function of step)."""
     if cfg.min_lr is None:
         return cfg.lr
-    progress = min(1.0, step / max(1, total_steps))
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+    return cosine_decay(cfg.lr, cfg.min_lr, step / max(1, total_steps))
 
 
 def scst_step(
