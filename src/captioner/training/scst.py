@@ -43,7 +43,11 @@ class SampledCaptions:
     token_ids: list[list[int]]  # (N,) each without <end>; row n belongs to image n // K
     log_prob_sums: torch.Tensor  # (N,) sum of the sampled tokens' log-probs (<end> included)
     num_tokens: torch.Tensor  # (N,) tokens scored per row (<end> included)
-    finished: list[bool]  # (N,) whether the row ended with <end> (not cut at max_length)
+
+    @property
+    def finished(self) -> list[bool]:
+        """(N,) whether each row ended with <end>: then one more token was scored than kept."""
+        return [int(n) > len(ids) for n, ids in zip(self.num_tokens, self.token_ids, strict=True)]
 
 
 def sample_captions(
@@ -69,7 +73,6 @@ def sample_captions(
     log_prob_sums = torch.zeros(n)
     num_tokens = torch.zeros(n)
     sampled: list[list[int]] = [[] for _ in range(n)]
-    finished = [False] * n
     for t in range(max_length):
         logits, state, _ = decoder.step(tokens, state, memory)  # (n, V)
         log_probs = masked_log_probs(logits, banned)  # (n, V)
@@ -81,15 +84,13 @@ def sample_captions(
         done = tokens == end_id
         for row, token in zip(active[~done].tolist(), tokens[~done].tolist(), strict=True):
             sampled[row].append(token)
-        for row in active[done].tolist():
-            finished[row] = True
         if t == max_length - 1 or bool(done.all()):
             break
         if bool(done.any()):
             keep = (~done).nonzero().squeeze(1)
             active, tokens = active[keep], tokens[keep]
             state, memory = select_rows(state, keep), select_rows(memory, keep)
-    return SampledCaptions(sampled, log_prob_sums, num_tokens, finished)
+    return SampledCaptions(sampled, log_prob_sums, num_tokens)
 
 
 def self_critical_loss(
@@ -191,8 +192,9 @@ def train_scst(cfg: ScstConfig, restart: bool = False, log=print) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_settings(run_dir / "scst_config.json", cfg, restart)
     samples = build_samples(prepared.splits.train, prepared.captions, vocab)
-    cider = CiderD(reference_corpus(samples, with_end=cfg.reward_end))
-    bleu = SentenceBleu(reference_corpus(samples), cfg.bleu_order) if cfg.bleu_weight else None
+    references = reference_corpus(samples)
+    cider = CiderD(reference_corpus(samples, with_end=True) if cfg.reward_end else references)
+    bleu = SentenceBleu(references, cfg.bleu_order) if cfg.bleu_weight else None
     if cfg.dropout is not None:
         decoder.dropout.p = cfg.dropout
 
