@@ -4,9 +4,10 @@
         --work-dir work/flickr8k
 
 Dev only: the candidate model (e.g. the best epoch or an average of the last epochs, see
-`captioner average`), beam size and length penalty are picked by dev CIDEr-D; the test split is
-not looked at here. The model is written in fp16 to src/captioner/pretrained/flickr8k with its
-generation_config.json.
+`captioner average`), beam size and length penalty are picked by dev CIDEr-D (`--select cider`) or
+by the sum of the four metrics the quality target names, BLEU-1 + BLEU-4 + METEOR + CIDEr-D
+(`--select targets`, needs Java for METEOR); the test split is not looked at here. The model is
+written in fp16 to src/captioner/pretrained/flickr8k with its generation_config.json.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from captioner.model.captioning_model import CaptioningModel
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = REPO / "src" / "captioner" / "pretrained" / "flickr8k"
+CRITERIA = {"cider": ("CIDEr-D",), "targets": ("BLEU-1", "BLEU-4", "METEOR", "CIDEr-D")}
+SHOWN = ("BLEU-1", "BLEU-4", "METEOR", "CIDEr-D")
 
 
 def main() -> None:
@@ -42,8 +45,15 @@ def main() -> None:
     parser.add_argument(
         "--no-repeat", default="0", help="no_repeat_ngram_size values to try (0 = off)"
     )
+    parser.add_argument(
+        "--select",
+        choices=sorted(CRITERIA),
+        default="cider",
+        help="dev criterion: CIDEr-D alone, or BLEU-1 + BLEU-4 + METEOR + CIDEr-D",
+    )
     parser.add_argument("--out", default=str(TARGET), help="where the bundled model goes")
     args = parser.parse_args()
+    criterion = CRITERIA[args.select]
 
     trials = []
     for model_dir in args.model:
@@ -60,23 +70,27 @@ def main() -> None:
                 beam_size=beam,
                 length_penalty=penalty,
                 no_repeat_ngram_size=no_repeat,
-                use_java=False,
+                use_java="METEOR" in criterion,
                 progress=False,
                 out_dir=Path(model_dir) / "dev_sweep",
             )
             scores = report["scores"]
+            missing = [m for m in criterion if m not in scores]
+            if missing:
+                raise SystemExit(f"dev scores lack {missing} (METEOR needs Java)")
+            value = sum(scores[m] for m in criterion)
+            shown = " ".join(f"{m} {scores[m]:.2f}" for m in SHOWN if m in scores)
             print(
-                f"{model_dir}: dev beam {beam} lp {penalty} no-repeat {no_repeat}: "
-                f"BLEU-4 {scores['BLEU-4']:.2f} CIDEr-D {scores['CIDEr-D']:.2f}",
+                f"{model_dir}: dev beam {beam} lp {penalty} no-repeat {no_repeat}: {shown}",
                 flush=True,
             )
-            trials.append((scores["CIDEr-D"], model_dir, beam, penalty, no_repeat, scores))
-    best_cider, model_dir, beam, penalty, no_repeat, dev_scores = max(
+            trials.append((value, model_dir, beam, penalty, no_repeat, scores))
+    best_value, model_dir, beam, penalty, no_repeat, dev_scores = max(
         trials, key=lambda t: (t[0], -t[2])
     )
     print(
         f"chosen on dev: {model_dir}, beam {beam}, length penalty {penalty}, "
-        f"no-repeat {no_repeat} (CIDEr-D {best_cider:.2f})"
+        f"no-repeat {no_repeat} ({' + '.join(criterion)} = {best_value:.2f})"
     )
 
     model = CaptioningModel.from_pretrained(model_dir)
@@ -91,6 +105,7 @@ def main() -> None:
             "beam_size": beam,
             "length_penalty": penalty,
             "no_repeat_ngram_size": no_repeat,
+            "criterion": list(criterion),
             "dev_scores": dev_scores,
             "trials": [
                 {
@@ -98,9 +113,9 @@ def main() -> None:
                     "beam_size": b,
                     "length_penalty": p,
                     "no_repeat_ngram_size": n,
-                    "CIDEr-D": c,
+                    **{k: sc[k] for k in SHOWN if k in sc},
                 }
-                for c, m, b, p, n, _ in trials
+                for _, m, b, p, n, sc in trials
             ],
         },
     }
