@@ -22,6 +22,7 @@ from captioner.model.config import DecoderConfig
 from captioner.model.decoder import ShowAttendTellDecoder
 from captioner.training.batching import build_samples
 from captioner.training.bleu_reward import SentenceBleu
+from captioner.training.caption_reward import CaptionReward
 from captioner.training.checkpoint import list_checkpoints
 from captioner.training.cider_reward import CiderD
 from captioner.training.config import ScstConfig, TrainConfig
@@ -145,7 +146,9 @@ def test_scst_updates_raise_the_reward():
     closer to its own references (a wrong sign or baseline makes the reward fall)."""
     vocab = Vocabulary(VOCAB)
     refs = [["a dog runs on the snow"] * 3, ["a man sits on the red ball"] * 3]
-    cider = CiderD([[vocab.encode(r, add_special=False) for r in image] for image in refs])
+    reward = CaptionReward(
+        CiderD([[vocab.encode(r, add_special=False) for r in image] for image in refs])
+    )
     decoder = _tiny_decoder(len(vocab)).train()
     features = torch.randn(2, 4, 16)
     images = torch.tensor([0, 1])
@@ -153,7 +156,7 @@ def test_scst_updates_raise_the_reward():
     optimizer = torch.optim.Adam(decoder.parameters(), lr=1e-2)
     generator = torch.Generator().manual_seed(0)
     rewards = [
-        scst_step(decoder, optimizer, features, images, cider, cfg, vocab, generator)[0]
+        scst_step(decoder, optimizer, features, images, reward, cfg, vocab, generator)[0]
         for _ in range(50)
     ]
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
@@ -170,10 +173,11 @@ def test_scst_step_adds_the_weighted_bleu_term_to_the_reward():
     for weight in (0.0, 2.0):
         decoder = _tiny_decoder(len(vocab)).eval()
         optimizer = torch.optim.Adam(decoder.parameters(), lr=0.0)  # same samples both times
-        cfg = ScstConfig(init_model="unused", samples_per_image=4, max_length=8, bleu_weight=weight)
+        cfg = ScstConfig(init_model="unused", samples_per_image=4, max_length=8)
+        reward = CaptionReward(cider, bleu=bleu, bleu_weight=weight)
         generator = torch.Generator().manual_seed(3)
         rewards[weight] = scst_step(
-            decoder, optimizer, features, images, cider, cfg, vocab, generator, bleu
+            decoder, optimizer, features, images, reward, cfg, vocab, generator
         )[0]
     generator = torch.Generator().manual_seed(3)
     sampled = sample_captions(
@@ -197,20 +201,26 @@ def test_reward_end_scores_an_unfinished_phrase_below_a_finished_one():
     so stopping mid-phrase costs reward that it would not cost without it."""
     vocab = Vocabulary(VOCAB)
     caption = "a dog runs on the snow"
-    samples = build_samples(["img"], {"img": [caption] * 3}, vocab)
-    plain, with_end = reference_corpus(samples), reference_corpus(samples, with_end=True)
-    assert with_end[0] == [ids + [vocab.end_id] for ids in plain[0]]
-    assert vocab.end_id not in plain[0][0] and vocab.start_id not in with_end[0][0]
     # a second image, so that idf is not zero for every n-gram
-    other = build_samples(["x"], {"x": ["a man sits with a ball"] * 3}, vocab)
-    cider_plain = CiderD(plain + reference_corpus(other))
-    cider_end = CiderD(with_end + reference_corpus(other, with_end=True))
+    samples = build_samples(
+        ["img", "x"], {"img": [caption] * 3, "x": ["a man sits with a ball"] * 3}, vocab
+    )
+    references = reference_corpus(samples)
+    assert references[0][0] == vocab.encode(caption, add_special=False)
+    plain = CaptionReward.from_references(references, end_id=vocab.end_id)
+    with_end = CaptionReward.from_references(references, end_id=vocab.end_id, reward_end=True)
     full = vocab.encode(caption, add_special=False)
     cut = full[:-1]  # "a dog runs on the"
-    end = [vocab.end_id]
-    drop_plain = cider_plain.score(full, 0) - cider_plain.score(cut, 0)
-    drop_end = cider_end.score(full + end, 0) - cider_end.score(cut + end, 0)
-    assert drop_end > drop_plain > 0
+
+    def drop(reward: CaptionReward) -> float:
+        high, low = reward.scores([full, cut], [True, True], [0, 0])
+        return high - low
+
+    assert drop(with_end) > drop(plain) > 0
+    # the same words cut by the length limit (no <end> sampled) earn less only when <end> counts
+    finished, cut_off = with_end.scores([full, full], [True, False], [0, 0])
+    assert finished == pytest.approx(10.0) and cut_off < finished
+    assert plain.scores([full, full], [True, False], [0, 0]) == [pytest.approx(10.0)] * 2
 
 
 def test_scst_learning_rate_is_constant_or_a_cosine_to_min_lr():

@@ -24,9 +24,8 @@ from captioner.errors import ConfigError
 from captioner.model.captioning_model import CaptioningModel
 from captioner.model.decoder import ShowAttendTellDecoder
 from captioner.training.batching import CaptionSamples, build_samples, image_batches
-from captioner.training.bleu_reward import SentenceBleu
+from captioner.training.caption_reward import CaptionReward
 from captioner.training.checkpoint import resume_latest, save_checkpoint
-from captioner.training.cider_reward import CiderD
 from captioner.training.config import ScstConfig
 from captioner.training.loop import (
     EpochRecorder,
@@ -104,14 +103,12 @@ def self_critical_loss(
     return -(advantage * log_prob_sums).sum() / num_tokens.sum().clamp(min=1)
 
 
-def reference_corpus(samples: CaptionSamples, with_end: bool = False) -> list[list[list[int]]]:
-    """The training captions of every image as token ids for CIDEr-D: no <start>, and <end> only
-    when ``with_end`` (then "in the <end>" is an n-gram no reference has)."""
+def reference_corpus(samples: CaptionSamples) -> list[list[list[int]]]:
+    """The training captions of every image as word ids for the reward: no <start> or <end>."""
     corpus = []
-    cut = 0 if with_end else 1
     for i in range(samples.num_images):
         rows = range(int(samples.offsets[i]), int(samples.offsets[i + 1]))
-        corpus.append([samples.tokens[r, 1 : int(samples.lengths[r]) - cut].tolist() for r in rows])
+        corpus.append([samples.tokens[r, 1 : int(samples.lengths[r]) - 1].tolist() for r in rows])
     return corpus
 
 
@@ -127,14 +124,12 @@ def scst_step(
     optimizer: torch.optim.Optimizer,
     feats: torch.Tensor,
     images: torch.Tensor,
-    cider: CiderD,
+    reward: CaptionReward,
     cfg: ScstConfig,
     vocab: Vocabulary,
     generator: torch.Generator,
-    bleu: SentenceBleu | None = None,
 ) -> tuple[float, float]:
     """One update on the images (rows of ``feats`` (I, P, C); ``images`` their corpus index).
-    The reward is CIDEr-D, plus ``cfg.bleu_weight`` x ``bleu`` when given.
     Returns (mean sampled reward, mean caption length)."""
     banned = torch.tensor(banned_ids(vocab.pad_id, vocab.start_id, vocab.unk_id, True))
     sampled = sample_captions(
@@ -148,16 +143,7 @@ def scst_step(
         generator=generator,
     )
     owners = images.repeat_interleave(cfg.samples_per_image).tolist()
-    candidates = sampled.token_ids
-    if cfg.reward_end:
-        candidates = [
-            ids + [vocab.end_id] if done else ids
-            for ids, done in zip(candidates, sampled.finished, strict=True)
-        ]
-    scores = cider.scores(candidates, owners)
-    if bleu is not None and cfg.bleu_weight > 0:
-        extra = bleu.scores(sampled.token_ids, owners)  # words only: <end> is not a word here
-        scores = [c + cfg.bleu_weight * b for c, b in zip(scores, extra, strict=True)]
+    scores = reward.scores(sampled.token_ids, sampled.finished, owners)
     rewards = torch.tensor(scores).view(-1, cfg.samples_per_image)  # (I, K)
     loss = self_critical_loss(sampled.log_prob_sums, sampled.num_tokens, rewards)
     optimizer.zero_grad(set_to_none=True)
@@ -192,9 +178,13 @@ def train_scst(cfg: ScstConfig, restart: bool = False, log=print) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_settings(run_dir / "scst_config.json", cfg, restart)
     samples = build_samples(prepared.splits.train, prepared.captions, vocab)
-    references = reference_corpus(samples)
-    cider = CiderD(reference_corpus(samples, with_end=True) if cfg.reward_end else references)
-    bleu = SentenceBleu(references, cfg.bleu_order) if cfg.bleu_weight else None
+    reward = CaptionReward.from_references(
+        reference_corpus(samples),
+        end_id=vocab.end_id,
+        reward_end=cfg.reward_end,
+        bleu_weight=cfg.bleu_weight,
+        bleu_order=cfg.bleu_order,
+    )
     if cfg.dropout is not None:
         decoder.dropout.p = cfg.dropout
 
@@ -248,12 +238,12 @@ def train_scst(cfg: ScstConfig, restart: bool = False, log=print) -> Path:
             generator.manual_seed(cfg.seed * 1_000_003 + state["step"])
             for group in optimizer.param_groups:
                 group["lr"] = scst_lr(state["step"], total_steps, cfg)
-            reward, length = scst_step(
-                decoder, optimizer, feats, images, cider, cfg, vocab, generator, bleu
+            mean_reward, length = scst_step(
+                decoder, optimizer, feats, images, reward, cfg, vocab, generator
             )
             state["step"] += 1
             state["batch"] = b + 1
-            reward_sum += reward
+            reward_sum += mean_reward
             count += 1
             bar.update(1)
             bar.set_postfix(reward=f"{reward_sum / count:.3f}", length=f"{length:.1f}")
