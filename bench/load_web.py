@@ -13,7 +13,6 @@ req/s, p50/p95/p99 latency, errors, and the mean batch size the server actually 
 from __future__ import annotations
 
 import io
-import socket
 import sys
 import threading
 import time
@@ -23,6 +22,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 from PIL import Image, ImageDraw
+
+from captioner.web.background import BackgroundServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
@@ -70,40 +71,13 @@ def synthetic_jpeg(size: int = 480) -> bytes:
     return buf.getvalue()
 
 
-class Server:
-    """uvicorn in a background thread on 127.0.0.1:<free port>."""
+class Server(BackgroundServer):
+    """The app on a given captioner, in a background thread on 127.0.0.1:<free port>."""
 
     def __init__(self, captioner, settings) -> None:
-        import uvicorn
-
         from captioner.web.app import create_app
 
-        self.app = create_app(lambda: captioner, settings)
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        # accepted sockets inherit this; without it (uvicorn given a socket) Nagle + delayed
-        # ACK add ~40 ms to every keep-alive response
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(self.app, log_level="error", lifespan="on", backlog=1024)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
-        )
-
-    def __enter__(self) -> Server:
-        self.thread.start()
-        deadline = time.monotonic() + 120
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
+        super().__init__(create_app(lambda: captioner, settings), log_level="error", backlog=1024)
 
     def batch_counts(self) -> tuple[int, int]:
         stats = self.app.state.batcher.stats()

@@ -12,36 +12,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import threading
-import time
 from pathlib import Path
 
 import matplotlib
-import uvicorn
 from playwright import sync_api
 
 from captioner.api import Captioner
 from captioner.web.app import create_app
+from captioner.web.background import BackgroundServer
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTO = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
 CHROMIUM = os.environ.get("CAPTIONER_CHROMIUM", "/usr/bin/chromium")
-
-
-def serve_in_thread() -> tuple[str, uvicorn.Server, threading.Thread]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    app = create_app(Captioner.from_pretrained)  # the bundled model
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise SystemExit("the web app did not start")
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{sock.getsockname()[1]}", server, thread
 
 
 def main() -> None:
@@ -52,26 +34,22 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "docs" / "figures" / "web_demo.png"))
     args = parser.parse_args()
 
-    url, server, thread = serve_in_thread()
-    try:
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(
-                executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"]
-            )
-            page = browser.new_page(viewport={"width": 1280, "height": 800})
-            page.goto(url)
-            page.set_input_files("#file", str(PHOTO))
-            words = page.locator("#words .word")
-            words.first.wait_for(timeout=60_000)
-            words.nth(args.word).click()
-            page.mouse.move(5, 5)
-            page.screenshot(path=args.out)
-            print(f"caption: {page.locator('#caption').inner_text()}")
-            print(f"wrote {args.out}")
-            browser.close()
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    app = create_app(Captioner.from_pretrained)  # the bundled model
+    with BackgroundServer(app) as server, sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"]
+        )
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(server.url)
+        page.set_input_files("#file", str(PHOTO))
+        words = page.locator("#words .word")
+        words.first.wait_for(timeout=60_000)
+        words.nth(args.word).click()
+        page.mouse.move(5, 5)
+        page.screenshot(path=args.out)
+        print(f"caption: {page.locator('#caption').inner_text()}")
+        print(f"wrote {args.out}")
+        browser.close()
 
 
 if __name__ == "__main__":

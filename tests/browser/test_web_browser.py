@@ -9,10 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import os
-import socket
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -49,29 +46,12 @@ SCREENSHOTS = Path("/tmp")
 # --------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def server_url():
-    import uvicorn
-
     from captioner.web.app import ServeSettings, create_app
+    from captioner.web.background import BackgroundServer
 
     fake = FakeCaptioner(delay_s=0.05)
-    app = create_app(lambda: fake, ServeSettings(max_upload_mb=2))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # else ~40 ms per response
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    with BackgroundServer(create_app(lambda: fake, ServeSettings(max_upload_mb=2))) as server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")
