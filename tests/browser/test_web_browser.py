@@ -50,7 +50,8 @@ def server_url():
     from captioner.web.background import BackgroundServer
 
     fake = FakeCaptioner(delay_s=0.05)
-    with BackgroundServer(create_app(lambda: fake, ServeSettings(max_upload_mb=2))) as server:
+    app = create_app(lambda: fake, ServeSettings(max_upload_mb=2))
+    with BackgroundServer(app, start_timeout_s=20) as server:  # the fake loads at once
         yield server.url
 
 
