@@ -16,18 +16,12 @@ from captioner.data.vocab import Vocabulary
 from captioner.errors import CheckpointError, ConfigError, VocabularyError
 from captioner.features.encoders import EncoderSpec, get_spec
 from captioner.io import atomic_path, atomic_write_json, read_json
-from captioner.model.config import DecoderConfig
+from captioner.model.config import DecoderConfig, GenerationConfig
 from captioner.model.decoder import ShowAttendTellDecoder
 
 CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE = "config.json", "vocab.json", "model.safetensors"
 GENERATION_FILE = "generation_config.json"  # decoding defaults, chosen on the dev split
-DEFAULT_GENERATION = {
-    "beam_size": 3,
-    "max_length": 20,
-    "length_penalty": 1.0,
-    "suppress_unk": True,
-    "no_repeat_ngram_size": 0,
-}
+DEFAULT_GENERATION = GenerationConfig().to_json()  # kept as a dict: callers read and update it
 FORMAT_VERSION = 1
 
 
@@ -51,13 +45,10 @@ class CaptioningModel:
                 f"decoder feature_dim {decoder.config.feature_dim} != {encoder.name} channels "
                 f"{encoder.channels}"
             )
-        unknown = set(generation or {}) - set(DEFAULT_GENERATION)
-        if unknown:
-            raise ConfigError(f"unknown generation settings: {sorted(unknown)}")
         self.decoder = decoder
         self.vocab = vocab
         self.encoder = encoder
-        self.generation = {**DEFAULT_GENERATION, **(generation or {})}
+        self.generation = GenerationConfig.from_json(generation or {}).to_json()
         # provenance read from config.json (training settings, dev scores...); save_pretrained
         # writes only the extra it is given, so a caller decides what still holds
         self.extra: dict = dict(extra or {})
@@ -91,17 +82,24 @@ class CaptioningModel:
             config = read_json(path / CONFIG_FILE)
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{path / CONFIG_FILE}: not valid JSON ({exc})") from exc
+        if not isinstance(config, dict):
+            raise CheckpointError(
+                f"{path / CONFIG_FILE}: a model config must be a JSON object, not {config!r}"
+            )
         if config.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(
                 f"{path}: unsupported format_version {config.get('format_version')}"
             )
         try:
             encoder = get_spec(config["encoder"]["name"])
-            decoder_config = DecoderConfig.from_json(config["decoder"])
-        except (KeyError, TypeError, AttributeError) as exc:
+        except (KeyError, TypeError) as exc:
             raise CheckpointError(
                 f"{path / CONFIG_FILE}: incomplete model config ({exc!r})"
             ) from exc
+        try:
+            decoder_config = DecoderConfig.from_json(config.get("decoder"))
+        except ConfigError as exc:
+            raise ConfigError(f"{path / CONFIG_FILE}: {exc}") from exc
         if encoder.to_json() != config["encoder"]:
             raise CheckpointError(
                 f"{path}: saved encoder settings {config['encoder']} differ from this version's "
@@ -125,6 +123,12 @@ class CaptioningModel:
                     f"{path}: {key} has shape {tuple(value.shape)}, expected "
                     f"{tuple(expected[key].shape)}"
                 )
+        for key, value in state.items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise CheckpointError(
+                    f"{path / WEIGHTS_FILE}: {key} contains NaN or infinite values "
+                    "(a diverged or damaged model)"
+                )
         decoder.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
         decoder.to(device).eval()
         try:
@@ -137,4 +141,8 @@ class CaptioningModel:
                 generation = read_json(path / GENERATION_FILE)
             except json.JSONDecodeError as exc:
                 raise CheckpointError(f"{path / GENERATION_FILE}: not valid JSON ({exc})") from exc
+            try:
+                generation = GenerationConfig.from_json(generation).to_json()
+            except ConfigError as exc:
+                raise ConfigError(f"{path / GENERATION_FILE}: {exc}") from exc
         return cls(decoder, vocab, encoder, generation, config.get("extra"))

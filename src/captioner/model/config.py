@@ -1,51 +1,66 @@
-"""Decoder hyperparameters: one dataclass, saved as config.json, unknown keys rejected."""
+"""Model settings: the decoder hyperparameters (config.json) and the decoding defaults
+(generation_config.json), typed dataclasses checked by captioner.settings; unknown keys,
+wrong types and out-of-range values are rejected with the setting's name."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
-from captioner.errors import ConfigError
+from captioner.settings import check_settings, setting, settings_from_json
+
+CELLS = ("gru", "lstm")
 
 
 @dataclass
 class DecoderConfig:
-    vocab_size: int  # from the vocabulary, including the 4 special tokens
-    feature_dim: int = 1280  # C of the encoder grid (B, P, C)
-    num_pixels: int = 49  # P of the encoder grid
-    cell: str = "gru"  # "gru" (the original project) or "lstm" (Show, Attend and Tell)
-    embed_dim: int = 512  # word embedding size
-    hidden_dim: int = 512  # recurrent state size
-    attention_dim: int = 512  # size of the additive attention space
-    context_dim: int = 512  # image features are projected to this once per image
-    dropout: float = 0.3  # on embeddings, projected features and the output layer
+    vocab_size: int = setting(help="from the vocabulary, including the 4 special tokens", ge=4)
+    feature_dim: int = setting(1280, "C of the encoder grid (B, P, C)", ge=1)
+    num_pixels: int = setting(49, "P of the encoder grid", ge=1)
+    cell: str = setting(
+        "gru", "gru (the original project) or lstm (Show-Attend-Tell)", choices=CELLS
+    )
+    embed_dim: int = setting(512, "word embedding size", ge=1)
+    hidden_dim: int = setting(512, "recurrent state size", ge=1)
+    attention_dim: int = setting(512, "size of the additive attention space", ge=1)
+    context_dim: int = setting(512, "image features are projected to this once per image", ge=1)
+    dropout: float = setting(
+        0.3, "on embeddings, projected features and the output layer", ge=0, lt=1
+    )
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        if self.cell not in ("gru", "lstm"):
-            raise ConfigError(f"cell must be 'gru' or 'lstm', not {self.cell!r}")
-        for name in (
-            "vocab_size",
-            "feature_dim",
-            "num_pixels",
-            "embed_dim",
-            "hidden_dim",
-            "attention_dim",
-            "context_dim",
-        ):
-            if int(getattr(self, name)) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        check_settings(self, flags=False)
 
     def to_json(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict) -> DecoderConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"unknown decoder config keys: {sorted(unknown)}")
-        return cls(**data)
+        return settings_from_json(cls, data, "decoder config")
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding defaults saved with a model (chosen on the dev split); a caption call's own
+    arguments override them."""
+
+    beam_size: int = setting(3, "beam width (1 = greedy)", ge=1, le=20)
+    max_length: int = setting(20, "most words per caption", ge=1, le=100)
+    length_penalty: float = setting(1.0, "beam score = log-prob / length ** this", ge=0, le=10)
+    suppress_unk: bool = setting(True, "never emit <unk>")
+    no_repeat_ngram_size: int = setting(
+        0, "never repeat an n-gram this long (0 = off)", ge=0, le=10
+    )
+
+    def __post_init__(self) -> None:
+        check_settings(self, flags=False)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> GenerationConfig:
+        """Missing keys take the defaults (older models saved fewer settings)."""
+        return settings_from_json(cls, data, "generation settings")
