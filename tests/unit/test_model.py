@@ -529,6 +529,84 @@ def test_exported_decoder_dir_is_cached_by_weights(monkeypatch):
     assert weights_digest(decoder) not in first.name  # any weight change: a new export
 
 
+def training_modules(module: torch.nn.Module) -> list[str]:
+    return [name or "<root>" for name, m in module.named_modules() if m.training]
+
+
+@pytest.mark.parametrize("was_training", [False, True])
+def test_export_decoder_keeps_the_decoder_mode_with_dropout(was_training, tmp_path):
+    """torch.onnx.export restores the mode of the module it exports onto every submodule: a
+    wrapper left in training mode switched the shared decoder's dropout back on."""
+    decoder = make_decoder("gru", seed=41, dropout=0.5).train(was_training)
+    export_decoder(decoder, tmp_path)
+    assert [m.training for m in decoder.modules()] == [was_training] * len(list(decoder.modules()))
+    # the graphs are the eval-mode decoder (no dropout): equal to torch in eval mode
+    decoder.eval()
+    stepper = OrtStepper(tmp_path, "gru", threads=1)
+    features = torch.randn(2, P, C, generator=torch.Generator().manual_seed(42))
+    tokens = torch.tensor([1, 1])
+    with torch.no_grad():
+        t_memory, t_state = decoder.start(features)
+        t_logits, _, t_alpha = decoder.step(tokens, t_state, t_memory)
+    o_memory, o_state = stepper.start(features)
+    o_logits, _, o_alpha = stepper.step(tokens, o_state, o_memory)
+    torch.testing.assert_close(o_logits, t_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(o_alpha, t_alpha, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def dropout_model_dir(tmp_path_factory) -> Path:
+    """A saved model whose decoder has dropout 0.5, like the bundled one."""
+    vocab = Vocabulary([*SPECIAL_TOKENS, *WORDS])
+    decoder = make_decoder(
+        "gru",
+        seed=43,
+        vocab_size=len(vocab),
+        feature_dim=SPEC.channels,
+        num_pixels=SPEC.num_pixels,
+        dropout=0.5,
+    )
+    model = CaptioningModel(decoder, vocab, SPEC)
+    return model.save_pretrained(tmp_path_factory.mktemp("dropout-model") / "model")
+
+
+def test_captioner_with_dropout_exports_and_stays_in_eval(dropout_model_dir, tmp_path, monkeypatch):
+    """After a fresh decoder export the Captioner's PyTorch decoder still has dropout off."""
+    monkeypatch.setattr(onnx_decoder, "cache_root", lambda: tmp_path)  # the decoder only
+    calls = []
+    real_export = onnx_decoder.export_decoder
+
+    def counting_export(decoder, out_dir):
+        calls.append(out_dir)
+        return real_export(decoder, out_dir)
+
+    monkeypatch.setattr(onnx_decoder, "export_decoder", counting_export)
+    captioner = Captioner.from_pretrained(dropout_model_dir, backend="onnx", threads=1)
+    assert captioner.backend == "onnx" and len(calls) == 1
+    assert training_modules(captioner.model.decoder) == []
+    decoder = captioner.model.decoder
+    g = torch.Generator().manual_seed(44)
+    features = torch.randn(1, SPEC.num_pixels, SPEC.channels, generator=g)  # (1, P, C)
+    tokens = torch.tensor([1])
+    with torch.no_grad():
+        first = decoder.step(tokens, *decoder.start(features)[::-1])[0]
+        second = decoder.step(tokens, *decoder.start(features)[::-1])[0]
+    torch.testing.assert_close(second, first, atol=0, rtol=0)
+
+
+def test_cli_export_parity_with_dropout(dropout_model_dir, tmp_path):
+    """The `captioner export` helpers on a dropout model: torch and ONNX give the same caption."""
+    from captioner.cli.inference_commands import check_parity, export_onnx
+
+    model = CaptioningModel.from_pretrained(dropout_model_dir)
+    export_onnx(model, tmp_path / "onnx")
+    assert training_modules(model.decoder) == []
+    parity = check_parity(model, tmp_path / "onnx")
+    assert parity["logits"] <= 1e-3 * max(1.0, parity["logits_scale"])
+    assert parity["alpha"] <= 1e-3
+    assert parity["caption_torch"] == parity["caption_onnx"]
+
+
 # ---- the public API ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def captioners(tiny_model_dir):

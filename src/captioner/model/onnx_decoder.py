@@ -55,8 +55,23 @@ def _state_names(decoder: ShowAttendTellDecoder) -> list[str]:
 
 
 def export_decoder(decoder: ShowAttendTellDecoder, out_dir: Path) -> tuple[Path, Path]:
-    """Write decoder_start.onnx and decoder_step.onnx (dynamic batch) into ``out_dir``."""
-    decoder = decoder.eval()
+    """Write decoder_start.onnx and decoder_step.onnx (dynamic batch) into ``out_dir``.
+
+    The graphs are the eval-mode decoder (dropout off), and ``decoder`` is left in the mode it
+    came in: ``torch.onnx.export`` restores the mode of the module it exports onto all of its
+    submodules, so the wrappers are put in eval mode too, else they switch the shared decoder's
+    dropout back on (a Captioner or parity check would then decode with dropout).
+    """
+    was_training = decoder.training
+    decoder.eval()
+    try:
+        _export_graphs(decoder, out_dir)
+    finally:
+        decoder.train(was_training)
+    return out_dir / "decoder_start.onnx", out_dir / "decoder_step.onnx"
+
+
+def _export_graphs(decoder: ShowAttendTellDecoder, out_dir: Path) -> None:
     cfg = decoder.config
     states = _state_names(decoder)
     batch = {0: "batch"}
@@ -65,7 +80,7 @@ def export_decoder(decoder: ShowAttendTellDecoder, out_dir: Path) -> tuple[Path,
         features = torch.zeros(2, cfg.num_pixels, cfg.feature_dim)
         with atomic_path(start_path) as tmp:
             _quiet_export(
-                _Start(decoder),
+                _Start(decoder).eval(),
                 (features,),
                 tmp,
                 input_names=["features"],
@@ -78,7 +93,7 @@ def export_decoder(decoder: ShowAttendTellDecoder, out_dir: Path) -> tuple[Path,
         out_state = [f"{n}_out" for n in states]
         with atomic_path(step_path) as tmp:
             _quiet_export(
-                _Step(decoder),
+                _Step(decoder).eval(),
                 (tokens, feats, keys, *state),
                 tmp,
                 input_names=["tokens", "feats", "keys", *in_state],
@@ -88,7 +103,6 @@ def export_decoder(decoder: ShowAttendTellDecoder, out_dir: Path) -> tuple[Path,
                     for n in ["tokens", "feats", "keys", "logits", "alpha", *in_state, *out_state]
                 },
             )
-    return start_path, step_path
 
 
 def weights_digest(decoder: ShowAttendTellDecoder) -> str:
