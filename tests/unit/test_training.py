@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,7 +20,12 @@ from safetensors.torch import load_file
 
 from captioner.data.synthetic import COLOURS, SHAPES, make_shapes_dataset
 from captioner.errors import ConfigError
-from captioner.training.checkpoint import list_checkpoints
+from captioner.training.checkpoint import (
+    list_checkpoints,
+    resume_latest,
+    save_checkpoint,
+    start_over,
+)
 from captioner.training.config import TrainConfig
 from captioner.training.loop import get_lr, train
 
@@ -254,3 +261,123 @@ def test_epoch_weights_are_kept_and_averaged(small_data, tmp_path):
     with pytest.raises(ConfigError, match=r"epochs \[1\] are not kept"):
         average_run(run_dir, tmp_path / "avg2", epochs=[1, 2])
     assert not (tmp_path / "avg2").exists()  # a refused request writes nothing
+
+
+# ---- checkpoint bookkeeping: damaged, stale and superseded checkpoints ----------------------
+def _tiny_optimised(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()  # so the optimizer has state to save
+    return model, optimizer
+
+
+def test_all_checkpoints_damaged_warns_and_keeps_the_new_ones(tmp_path):
+    root = tmp_path / "checkpoints"
+    model, optimizer = _tiny_optimised(0)
+    for step in (4, 6):
+        save_checkpoint(root, step, model, optimizer, {"epoch": 0}, keep_last=3)
+    (root / "step_00000004" / "model.safetensors").write_bytes(b"garbage")
+    # the newest one fits partly: its weights load, then its optimizer state fails
+    state = json.loads((root / "step_00000006" / "state.json").read_text())
+    (root / "step_00000006" / "state.json").write_text(json.dumps({**state, "optimizer": {}}))
+
+    fresh, fresh_opt = _tiny_optimised(1)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    messages: list[str] = []
+    assert resume_latest(root, fresh, fresh_opt, log=messages.append) is None
+    assert any("STARTS FROM SCRATCH" in m for m in messages), messages
+    assert list_checkpoints(root) == []  # both set aside, not deleted
+    assert sorted(p.name for p in (root / "damaged").iterdir()) == [
+        "step_00000004",
+        "step_00000006",
+    ]
+    for key, value in fresh.state_dict().items():  # nothing of the damaged ones was kept
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+
+    # the new run's checkpoints are numbered below the damaged ones: they must survive pruning
+    save_checkpoint(root, 2, fresh, fresh_opt, {"epoch": 0}, keep_last=1)
+    assert [p.name for p in list_checkpoints(root)] == ["step_00000002"]
+    save_checkpoint(root, 3, fresh, fresh_opt, {"epoch": 0}, keep_last=1)
+    assert [p.name for p in list_checkpoints(root)] == ["step_00000003"]
+    assert resume_latest(root, *_tiny_optimised(2), log=messages.append)["step"] == 3
+
+
+def test_default_log_sends_the_from_scratch_warning_to_stderr(tmp_path, capsys):
+    root = tmp_path / "checkpoints"
+    model, optimizer = _tiny_optimised(0)
+    save_checkpoint(root, 1, model, optimizer, {"epoch": 0})
+    (root / "step_00000001" / "optimizer.safetensors").write_bytes(b"")
+    assert resume_latest(root, model, optimizer) is None
+    captured = capsys.readouterr()
+    assert "STARTS FROM SCRATCH" in captured.err and "damaged" in captured.err
+
+
+def test_checkpoints_of_an_abandoned_run_do_not_push_out_new_ones(tmp_path):
+    root = tmp_path / "checkpoints"
+    model, optimizer = _tiny_optimised(0)
+    save_checkpoint(root, 10, model, optimizer, {"epoch": 2})
+    messages: list[str] = []
+    start_over(root, log=messages.append)  # --restart
+    assert list_checkpoints(root) == [] and (root / "superseded" / "step_00000010").is_dir()
+    save_checkpoint(root, 10, model, optimizer, {"epoch": 1})
+    save_checkpoint(root, 20, model, optimizer, {"epoch": 3})
+    start_over(root, log=messages.append)  # a second restart does not overwrite the first
+    assert sorted(p.name for p in (root / "superseded").iterdir()) == [
+        "step_00000010",
+        "step_00000010.1",
+        "step_00000020",
+    ]
+    # a later-numbered checkpoint that is still in place (here put back by hand) is set aside
+    # when an earlier step is written, instead of deleting the new checkpoint
+    (root / "superseded" / "step_00000020").rename(root / "step_00000020")
+    save_checkpoint(root, 2, model, optimizer, {"epoch": 0}, keep_last=1)
+    assert [p.name for p in list_checkpoints(root)] == ["step_00000002"]
+    assert (root / "superseded" / "step_00000020").is_dir()
+
+
+def test_half_written_checkpoints_of_dead_processes_are_removed(tmp_path):
+    root = tmp_path / "checkpoints"
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead_pid = int(dead.stdout)
+    stale = root / f".tmp_step_00000004_{dead_pid}"
+    live = root / f".tmp_step_00000004_{os.getppid()}"  # pytest's parent is alive
+    for path in (stale, live):
+        path.mkdir(parents=True)
+        (path / "model.safetensors").write_bytes(b"half")
+    model, optimizer = _tiny_optimised(0)
+    assert resume_latest(root, model, optimizer, log=lambda m: None) is None
+    assert not stale.exists() and live.is_dir()
+    save_checkpoint(root, 2, model, optimizer, {"epoch": 0})
+    assert live.is_dir() and [p.name for p in list_checkpoints(root)] == ["step_00000002"]
+
+
+def test_resumed_epoch_reports_the_whole_epochs_loss_and_a_moved_run_resumes(small_data, tmp_path):
+    common = dict(data_dir=str(small_data), epochs=1, checkpoint_every=2, keep_last=10, **SMALL)
+    straight = TrainConfig(work_dir=str(tmp_path / "w"), run_dir=str(tmp_path / "r"), **common)
+    train(straight, log=lambda m: None)
+    ckpts = list_checkpoints(tmp_path / "r" / "checkpoints")
+    assert len(ckpts) >= 2  # one inside the epoch, one at its end
+    # a run killed after its first checkpoint, then moved (and its work dir spelled otherwise)
+    shutil.copytree(tmp_path / "r", tmp_path / "moved")
+    for path in list_checkpoints(tmp_path / "moved" / "checkpoints")[1:]:
+        shutil.rmtree(path)
+    for name in ("metrics.csv", "best", "epochs"):
+        target = tmp_path / "moved" / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    moved = TrainConfig(work_dir=f"{tmp_path}/./w", run_dir=f"{tmp_path}/moved/", **common)
+    messages: list[str] = []
+    train(moved, log=messages.append)
+    assert any(
+        f"resumed from {tmp_path / 'moved' / 'checkpoints' / ckpts[0].name}" in m for m in messages
+    ), messages
+    rows = [list(csv.DictReader((tmp_path / d / "metrics.csv").open())) for d in ("r", "moved")]
+    assert len(rows[0]) == len(rows[1]) == 1
+    assert rows[1][0]["train_loss"] == rows[0][0]["train_loss"]  # not the mean of a part
+    assert rows[1][0]["val_CIDEr-D"] == rows[0][0]["val_CIDEr-D"]

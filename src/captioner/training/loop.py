@@ -23,7 +23,7 @@ from captioner.model.config import DecoderConfig
 from captioner.model.decoder import ShowAttendTellDecoder, masked_caption_loss
 from captioner.training.averaging import save_epoch_weights
 from captioner.training.batching import CaptionSamples, build_samples, image_batches
-from captioner.training.checkpoint import resume_latest, save_checkpoint
+from captioner.training.checkpoint import resume_latest, save_checkpoint, start_over
 from captioner.training.config import TrainConfig, _Settings
 from captioner.training.distributed import DistContext, broadcast_flag, init_distributed, shutdown
 
@@ -82,10 +82,22 @@ def prepare_data(
     return prepare(data_dir, work, settings or PrepareSettings())
 
 
+def _as_spelled_now(saved: dict, cfg: _Settings) -> dict:
+    """The saved settings with the paths that name the same place as ``cfg``'s spelled like
+    them: the run dir is wherever the settings file lies now (a moved run dir resumes), and
+    ``./work`` is ``work``."""
+    saved = {**saved, "run_dir": getattr(cfg, "run_dir", saved.get("run_dir"))}
+    for key in ("work_dir", "init_model"):
+        old, new = saved.get(key), getattr(cfg, key, None)
+        if old is not None and new is not None and Path(old).resolve() == Path(new).resolve():
+            saved[key] = new
+    return saved
+
+
 def save_settings(path: Path, cfg: _Settings, restart: bool) -> None:
     """Save the run's settings next to it; a resumed run must keep them (bar the resumable ones)."""
     if path.is_file() and not restart:
-        saved = type(cfg).from_json(read_json(path))
+        saved = type(cfg).from_json(_as_spelled_now(read_json(path), cfg))
         changed = cfg.differences(saved)
         if changed:
             raise ConfigError(
@@ -265,6 +277,10 @@ def new_progress() -> dict:
         "best": None,  # {"epoch", "value", "metric"} of the best dev score so far
         "bad_epochs": 0,  # epochs since it last improved
         "seconds": 0.0,  # training time, validation excluded
+        # the epoch's train column (loss or reward) so far, so that a resumed epoch's mean
+        # covers the batches before the interruption too
+        "train_sum": 0.0,
+        "train_count": 0,
     }
 
 
@@ -332,7 +348,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, restart: bool, log) -> Path:
 
     state = new_progress()
     ckpt_root = run_dir / "checkpoints"
-    resumed = None if restart else resume_latest(ckpt_root, decoder, optimizer, log)
+    if restart and ctx.is_main:
+        start_over(ckpt_root, log)
+    resumed = None if restart else resume_latest(ckpt_root, decoder, optimizer, log, ctx.is_main)
     if resumed:
         state.update(resumed)
     if ctx.enabled:  # every rank starts from rank 0's weights
@@ -384,7 +402,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, restart: bool, log) -> Path:
             unit="batch",
             disable=not ctx.is_main,
         )
-        loss_sum, loss_count, seen, t0 = 0.0, 0, 0, time.perf_counter()
+        if state["batch"] == 0:
+            state["train_sum"], state["train_count"] = 0.0, 0
+        seen, t0 = 0, time.perf_counter()
         for b in range(state["batch"], len(batches)):
             images = batches[b]  # (I,)
             feats = features.train[view_choice[images], images].float()  # (I, P, C)
@@ -393,13 +413,13 @@ def _train(cfg: TrainConfig, ctx: DistContext, restart: bool, log) -> Path:
             ce, idx = train_step(model, optimizer, feats, samples, images, cfg)
             state["step"] += 1
             state["batch"] = b + 1
-            loss_sum += float(ce) * len(idx)
-            loss_count += len(idx)
+            state["train_sum"] += float(ce) * len(idx)
+            state["train_count"] += len(idx)
             seen += len(idx)
             elapsed = time.perf_counter() - t0
             bar.update(1)
             bar.set_postfix(
-                loss=f"{loss_sum / loss_count:.3f}",
+                loss=f"{state['train_sum'] / state['train_count']:.3f}",
                 caps_s=f"{seen * ctx.world_size / max(elapsed, 1e-9):.0f}",
             )
             if cfg.max_steps and state["step"] >= cfg.max_steps:
@@ -419,7 +439,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, restart: bool, log) -> Path:
             recorder.end_epoch(
                 state,
                 epoch,
-                ("train_loss", loss_sum / max(loss_count, 1)),
+                ("train_loss", state["train_sum"] / max(state["train_count"], 1)),
                 get_lr(state["step"], total_steps, cfg),
             )
         state["epoch"] = epoch + 1

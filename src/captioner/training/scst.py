@@ -25,7 +25,7 @@ from captioner.model.captioning_model import CaptioningModel
 from captioner.model.decoder import ShowAttendTellDecoder
 from captioner.training.batching import CaptionSamples, build_samples, image_batches
 from captioner.training.caption_reward import CaptionReward
-from captioner.training.checkpoint import resume_latest, save_checkpoint
+from captioner.training.checkpoint import resume_latest, save_checkpoint, start_over
 from captioner.training.config import ScstConfig
 from captioner.training.loop import (
     EpochRecorder,
@@ -196,6 +196,8 @@ def train_scst(cfg: ScstConfig, restart: bool = False, log=print) -> Path:
     total_steps = cfg.epochs * batches_per_epoch
     state = new_progress()
     ckpt_root = run_dir / "checkpoints"
+    if restart:
+        start_over(ckpt_root, log)
     resumed = None if restart else resume_latest(ckpt_root, decoder, optimizer, log)
     if resumed:
         state.update(resumed)
@@ -230,7 +232,9 @@ def train_scst(cfg: ScstConfig, restart: bool = False, log=print) -> Path:
         bar = tqdm(
             total=len(batches), initial=state["batch"], desc=f"scst {epoch + 1}/{cfg.epochs}"
         )
-        reward_sum, count, t0 = 0.0, 0, time.perf_counter()
+        if state["batch"] == 0:
+            state["train_sum"], state["train_count"] = 0.0, 0
+        t0 = time.perf_counter()
         for b in range(state["batch"], len(batches)):
             images = batches[b]
             feats = features.train[view_choice[images], images].float()  # (I, P, C)
@@ -243,10 +247,11 @@ def train_scst(cfg: ScstConfig, restart: bool = False, log=print) -> Path:
             )
             state["step"] += 1
             state["batch"] = b + 1
-            reward_sum += mean_reward
-            count += 1
+            state["train_sum"] += mean_reward
+            state["train_count"] += 1
             bar.update(1)
-            bar.set_postfix(reward=f"{reward_sum / count:.3f}", length=f"{length:.1f}")
+            mean = state["train_sum"] / state["train_count"]
+            bar.set_postfix(reward=f"{mean:.3f}", length=f"{length:.1f}")
             if cfg.max_steps and state["step"] >= cfg.max_steps:
                 break
             if state["step"] % cfg.checkpoint_every == 0 and b + 1 < len(batches):
@@ -261,7 +266,7 @@ def train_scst(cfg: ScstConfig, restart: bool = False, log=print) -> Path:
         recorder.end_epoch(
             state,
             epoch,
-            ("train_reward", reward_sum / max(count, 1)),
+            ("train_reward", state["train_sum"] / max(state["train_count"], 1)),
             scst_lr(state["step"], total_steps, cfg),
         )
         state["epoch"] = epoch + 1
