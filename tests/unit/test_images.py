@@ -313,6 +313,106 @@ def test_pixel_limit_is_enforced(tmp_path, monkeypatch, side):
     check_rgb(load_image(path), side, side)  # exactly at the limit is fine
 
 
+def test_png_limit_message_is_ours(tmp_path):
+    """Over the limit but under Pillow's own thresholds, and far over them: one clear message,
+    never Pillow's "decompression bomb DOS attack" text."""
+    for width, height in ((9000, 8000), (30000, 30000), (100_000, 100_000)):
+        path = tmp_path / f"huge-{width}.png"
+        path.write_bytes(bomb_png(width, height))
+        with pytest.raises(ImageLoadError, match="too large|over the limit") as info:
+            load_image(path)
+        message = str(info.value)
+        assert (
+            message.startswith(str(path))
+            and "DOS" not in message
+            and "decompression" not in message
+        )
+        if width < 100_000:
+            assert f"{width}x{height} PNG" in message and "64 MP" in message
+
+
+# ---- large JPEGs: decoded reduced ----------------------------------------------------------
+def _segment(marker: int, payload: bytes) -> bytes:
+    return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+
+def grey_jpeg(width: int, height: int, scan: bool = True) -> bytes:
+    """A valid baseline greyscale JPEG of any size, every pixel 128, written directly.
+
+    Huffman tables with one 1-bit code each make every 8x8 block two zero bits ("DC unchanged",
+    "end of block"), so a 100 MP image is ~0.4 MB of zero bytes and costs nothing to make.
+    ``scan=False`` stops after the header, which is all the size checks read.
+    """
+    one_code = bytes([1] + [0] * 15) + b"\x00"  # one code of length 1, for symbol 0
+    header = (
+        b"\xff\xd8"
+        + _segment(0xDB, b"\x00" + b"\x01" * 64)  # quantisation table 0: all ones
+        + _segment(0xC0, struct.pack(">BHHB", 8, height, width, 1) + b"\x01\x11\x00")
+        + _segment(0xC4, b"\x00" + one_code)  # DC table 0
+        + _segment(0xC4, b"\x10" + one_code)  # AC table 0
+        + _segment(0xDA, b"\x01\x01\x00\x00\x3f\x00")  # one component, tables 0/0
+    )
+    if not scan:
+        return header
+    bits = 2 * (-(-width // 8)) * (-(-height // 8))
+    data = bytes(bits // 8) + (bytes([0xFF >> (bits % 8)]) if bits % 8 else b"")  # 1-padded
+    return header + data + b"\xff\xd9"
+
+
+def test_100_megapixel_jpeg_is_decoded_reduced(tmp_path):
+    data = grey_jpeg(12000, 8400)  # 100.8 MP, over the 64 MP that is ever decoded
+    assert len(data) < 500_000
+    path = tmp_path / "phone.jpg"
+    path.write_bytes(data)
+    assert Image.open(path).size == (12000, 8400)
+    for source in (path, data):
+        out = load_image(source)
+        check_rgb(out, 1050, 1500)  # 1/8 scale: both sides still >= DRAFT_SIDE
+        assert (out == 128).all()
+    assert min(out.shape[:2]) >= images_module.DRAFT_SIDE >= 2 * 256
+
+
+def test_jpeg_draft_scale_and_threshold(tmp_path, monkeypatch):
+    """The reduction keeps >= DRAFT_SIDE a side, applies EXIF orientation, and leaves JPEGs at or
+    under DRAFT_ABOVE_PIXELS decoded in full (thresholds scaled down to keep this tiny)."""
+    path = tmp_path / "rot.jpg"
+    exif_jpeg(path, 6)  # 40x20 stored, red left half, shown portrait
+    monkeypatch.setattr(images_module, "DRAFT_SIDE", 10)
+    monkeypatch.setattr(images_module, "DRAFT_ABOVE_PIXELS", 800)
+    check_rgb(load_image(path), 40, 20)  # 800 pixels: not over the threshold, full size
+    monkeypatch.setattr(images_module, "DRAFT_ABOVE_PIXELS", 799)
+    out = load_image(path)
+    check_rgb(out, 20, 10)  # scale 1/2 (1/4 would leave 5 < 10 pixels a side), then rotated
+    assert np.abs(out[:6].astype(int) - (255, 0, 0)).max() < 60  # red still on top
+    assert np.abs(out[14:].astype(int) - (0, 0, 255)).max() < 60
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_colour_jpeg_is_reduced_to_one_eighth(tmp_path, monkeypatch, progressive):
+    path = tmp_path / "c.jpg"
+    Image.new("RGB", (800, 640), (200, 40, 10)).save(path, quality=95, progressive=progressive)
+    monkeypatch.setattr(images_module, "DRAFT_SIDE", 64)
+    monkeypatch.setattr(images_module, "DRAFT_ABOVE_PIXELS", 1000)
+    out = load_image(path.read_bytes())
+    check_rgb(out, 80, 100)
+    assert np.abs(out.astype(int) - (200, 40, 10)).max() <= 6
+
+
+def test_jpeg_limits(tmp_path):
+    """Refused from the header alone: over MAX_JPEG_PIXELS, or still over MAX_IMAGE_PIXELS at the
+    reduction DRAFT_SIDE allows (a 1008 px high panorama cannot be reduced)."""
+    cases = (
+        ((40000, 30000), "1,200 MP\\) is over the limit of 1,000 MP for a JPEG"),
+        ((65000, 1008), "even decoded at reduced size it is 65000x1008 \\(66 MP; the limit is 64"),
+    )
+    for (width, height), match in cases:
+        path = tmp_path / f"{width}.jpg"
+        path.write_bytes(grey_jpeg(width, height, scan=False))
+        with pytest.raises(ImageLoadError, match=match) as info:
+            load_image(path)
+        assert str(info.value).startswith(f"{path}: a {width}x{height} JPEG")
+
+
 def test_custom_name_is_used_in_errors(tmp_path):
     with pytest.raises(ImageLoadError, match="^my-label: file not found"):
         load_image(tmp_path / "x.png", name="my-label")

@@ -8,29 +8,73 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from captioner.errors import ImageLoadError
 
-# Larger than any real photo we expect, small enough that a crafted header can't eat the RAM.
+# Limits (a "bomb" is a small file whose header claims a huge picture):
+# - MAX_IMAGE_PIXELS: the most pixels ever decoded (64 MP = 192 MB of RGB), any format.
+# - JPEGs over DRAFT_ABOVE_PIXELS are decoded at 1/2, 1/4 or 1/8 scale (libjpeg does this while
+#   decoding, in bounded memory), keeping at least DRAFT_SIDE pixels on each side: the encoder
+#   reads ~224-260 px and the attention figure 256 px, so a 100 MP phone photo decodes to about
+#   1400x1000. Ordinary photos (up to 16 MP) are decoded in full.
+# - MAX_JPEG_PIXELS: the largest JPEG accepted at all (1000 MP, well above any camera), which
+#   bounds the decoding time of a reduced decode. Pillow's own Image.MAX_IMAGE_PIXELS is set to
+#   it, so Pillow's bomb error (at twice that) stays only as an outer guard.
+# Other formats cannot be decoded reduced, so they are refused above MAX_IMAGE_PIXELS.
 MAX_IMAGE_PIXELS = 64_000_000
+DRAFT_ABOVE_PIXELS = 16_000_000
+DRAFT_SIDE = 512
+MAX_JPEG_PIXELS = 1_000_000_000
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
 
 
+def _megapixels(pixels: int) -> str:
+    if pixels < 1_000_000:
+        return f"{pixels:,} pixels"
+    return f"{pixels / 1e6:,.0f} MP" if pixels >= 10_000_000 else f"{pixels / 1e6:.1f} MP"
+
+
+def _check_and_reduce(image: Image.Image, name: str) -> None:
+    """Refuse sizes over the limits (read from the header: nothing is decoded yet) and set a
+    large JPEG to decode reduced."""
+    width, height = image.size
+    pixels = width * height
+    what = f"a {width}x{height} {image.format or 'image'} ({_megapixels(pixels)})"
+    if not isinstance(image, JpegImagePlugin.JpegImageFile):  # (MPO photos are JPEGs too)
+        if pixels > MAX_IMAGE_PIXELS:
+            raise ImageLoadError(
+                f"{name}: {what} is over the limit of {_megapixels(MAX_IMAGE_PIXELS)} (only "
+                f"JPEG photos are decoded at reduced size, up to {_megapixels(MAX_JPEG_PIXELS)})"
+            )
+        return
+    if pixels > MAX_JPEG_PIXELS:
+        raise ImageLoadError(
+            f"{name}: {what} is over the limit of {_megapixels(MAX_JPEG_PIXELS)} for a JPEG"
+        )
+    if pixels > DRAFT_ABOVE_PIXELS:
+        image.draft(None, (DRAFT_SIDE, DRAFT_SIDE))  # image.size becomes the reduced size
+    reduced = image.size[0] * image.size[1]
+    if reduced > MAX_IMAGE_PIXELS:
+        raise ImageLoadError(
+            f"{name}: {what} is over the limit: even decoded at reduced size it is "
+            f"{image.size[0]}x{image.size[1]} ({_megapixels(reduced)}; the limit is "
+            f"{_megapixels(MAX_IMAGE_PIXELS)})"
+        )
+
+
 def _open(source: str | os.PathLike | bytes, name: str) -> Image.Image:
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+            # our own limits are checked from the header before decoding; Pillow's warning is
+            # superseded, its error (over 2x MAX_JPEG_PIXELS) stays as an outer guard
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS = MAX_JPEG_PIXELS
             handle = io.BytesIO(source) if isinstance(source, bytes) else source
             image = Image.open(handle)
-            width, height = image.size
-            if width * height > MAX_IMAGE_PIXELS:
-                raise ImageLoadError(
-                    f"{name}: {width}x{height} pixels is over the limit of {MAX_IMAGE_PIXELS:,}"
-                )
+            _check_and_reduce(image, name)
             image.load()  # decode now, so truncation is found here and not later
             if getattr(image, "n_frames", 1) > 1:
                 image.seek(0)  # animated GIF/WebP: the first frame
@@ -44,7 +88,10 @@ def _open(source: str | os.PathLike | bytes, name: str) -> Image.Image:
     except UnidentifiedImageError as exc:
         raise ImageLoadError(f"{name}: not an image (or a format Pillow cannot read)") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageLoadError(f"{name}: image too large to decode safely ({exc})") from exc
+        raise ImageLoadError(
+            f"{name}: image too large to decode safely (its header claims over "
+            f"{_megapixels(2 * MAX_JPEG_PIXELS)})"
+        ) from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageLoadError(f"{name}: corrupt or truncated image ({exc})") from exc
 
