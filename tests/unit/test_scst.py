@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import math
 import random
+import shutil
 
 import pytest
 import torch
@@ -278,25 +279,29 @@ def _scst_cfg(xe_model, tmp_path, **overrides) -> ScstConfig:
 
 
 def test_scst_run_resumes_exactly_records_and_refuses_changes(xe_model, tmp_path):
-    straight = _scst_cfg(xe_model, tmp_path / "a", max_steps=4)
+    straight = _scst_cfg(xe_model, tmp_path / "a")
     train_scst(straight, log=lambda *a: None)
     interrupted = _scst_cfg(xe_model, tmp_path / "b", max_steps=2)
     train_scst(interrupted, log=lambda *a: None)
-    resumed = _scst_cfg(xe_model, tmp_path / "b", max_steps=4)  # max_steps may change
+    shutil.move(tmp_path / "b", tmp_path / "c")  # a moved run dir resumes
+    resumed = _scst_cfg(xe_model, tmp_path / "c", max_steps=4)  # max_steps may change
     train_scst(resumed, log=lambda *a: None)
+    full = _scst_cfg(xe_model, tmp_path / "c", max_steps=0)  # finish the epoch
+    best = train_scst(full, log=lambda *a: None)
     a, b = (
         load_file(
             str(list_checkpoints(tmp_path / d / "scst" / "checkpoints")[-1] / "model.safetensors")
         )
-        for d in ("a", "b")
+        for d in ("a", "c")
     )
     assert all(torch.equal(a[k], b[k]) for k in a)
 
-    full = _scst_cfg(xe_model, tmp_path / "b", max_steps=0)  # finish the epoch
-    best = train_scst(full, log=lambda *a: None)
-    run = tmp_path / "b" / "scst"
+    run = tmp_path / "c" / "scst"
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [r["epoch"] for r in rows] == ["1"] and float(rows[0]["train_reward"]) >= 0
+    # the epoch's mean reward covers the batches before both interruptions
+    straight_rows = list(csv.DictReader((tmp_path / "a" / "scst" / "metrics.csv").open()))
+    assert rows[0]["train_reward"] == straight_rows[0]["train_reward"]
     assert (run / "scst_config.json").is_file() and (
         run / "epochs" / "epoch_001.safetensors"
     ).is_file()
@@ -306,7 +311,7 @@ def test_scst_run_resumes_exactly_records_and_refuses_changes(xe_model, tmp_path
     assert model.vocab.to_json() == CaptioningModel.from_pretrained(xe_model[0]).vocab.to_json()
 
     with pytest.raises(ConfigError, match="lr"):
-        train_scst(_scst_cfg(xe_model, tmp_path / "b", lr=5e-3), log=lambda *a: None)
+        train_scst(_scst_cfg(xe_model, tmp_path / "c", lr=5e-3), log=lambda *a: None)
 
 
 def test_scst_refuses_a_model_with_another_vocabulary(xe_model, tmp_path):
