@@ -8,6 +8,9 @@ from pathlib import Path
 import typer
 
 from captioner.cli.common import friendly_errors
+from captioner.settings import BACKENDS, check_choice
+
+AUGMENT_STRENGTHS = ("light", "medium", "strong")
 
 DATA_DIR_HELP = (
     "dataset folder: a caption file (captions.txt, Flickr8k.token.txt, dataset_*.json, "
@@ -21,11 +24,17 @@ def prepare_cmd(
     work_dir: Path = typer.Option(
         Path("work/flickr8k"), "--work-dir", help="where prepared files go"
     ),
-    num_words: int = typer.Option(5000, help="keep at most this many words (top-k; 0 = no limit)"),
-    min_count: int = typer.Option(5, help="drop words seen fewer times in training captions"),
-    test_size: float = typer.Option(0.1, help="test share for a random split (no official lists)"),
-    val_size: float = typer.Option(0.1, help="dev share for a random split"),
-    seed: int = typer.Option(0, help="seed of the random split"),
+    num_words: int = typer.Option(
+        5000, min=0, help="keep at most this many words (top-k; 0 = no limit)"
+    ),
+    min_count: int = typer.Option(
+        5, min=1, help="drop words seen fewer times in training captions"
+    ),
+    test_size: float = typer.Option(
+        0.1, min=0.0, max=1.0, help="test share for a random split (no official lists)"
+    ),
+    val_size: float = typer.Option(0.1, min=0.0, max=1.0, help="dev share for a random split"),
+    seed: int = typer.Option(0, min=0, help="seed of the random split"),
     official_split: bool = typer.Option(
         True, help="use the dataset's own split lists when present"
     ),
@@ -53,7 +62,7 @@ def vocab_sample_cmd(
     data_dir: Path | None = typer.Option(
         None, "--data-dir", help="prepare from here first if needed"
     ),
-    seed: int = typer.Option(0, help="which two captions to show"),
+    seed: int = typer.Option(0, min=0, help="which two captions to show"),
 ) -> None:
     """Build (or load) the vocabulary, save it, load it back, tokenize two captions."""
     from captioner.data.prepare import PreparedData, prepare
@@ -85,15 +94,20 @@ def features_cmd(
         "efficientnet-lite0", help="efficientnet-lite0, -lite1, -lite2 or -lite2-224"
     ),
     backend: str = typer.Option("auto", help="auto (ONNX Runtime, else PyTorch), onnx or torch"),
-    augment: int = typer.Option(0, "--augment", help="K augmented views per training image"),
+    augment: int = typer.Option(
+        0, "--augment", min=0, max=100, help="K augmented views per training image"
+    ),
     augment_strength: str = typer.Option("medium", help="light, medium or strong"),
-    seed: int = typer.Option(0, help="augmentation seed"),
-    batch_size: int = typer.Option(16, help="images per encoder call"),
-    threads: int = typer.Option(0, help="CPU threads for the encoder (0 = all)"),
+    seed: int = typer.Option(0, min=0, help="augmentation seed"),
+    batch_size: int = typer.Option(16, min=1, max=1024, help="images per encoder call"),
+    threads: int = typer.Option(0, min=0, max=1024, help="CPU threads for the encoder (0 = all)"),
 ) -> None:
     """Extract and cache encoder features (resumable; stale caches are rebuilt)."""
     from captioner.data.prepare import PreparedData, prepare
     from captioner.features.pipeline import ensure_features
+
+    check_choice("--backend", backend, BACKENDS)
+    check_choice("--augment-strength", augment_strength, AUGMENT_STRENGTHS)
 
     data = prepare(data_dir, work_dir) if data_dir else PreparedData.load(work_dir)
     dirs = ensure_features(
@@ -136,11 +150,12 @@ def preview_normalize(
 def preview_augment(
     image: Path = typer.Argument(..., help="any photo"),
     out: Path = typer.Option(Path("augment_preview.png"), "--out", "-o", help="PNG to write"),
-    n: int = typer.Option(8, "-n", help="augmented views to show"),
-    seed: int = typer.Option(0, help="seed of the first view"),
+    n: int = typer.Option(8, "-n", min=1, max=64, help="augmented views to show"),
+    seed: int = typer.Option(0, min=0, help="seed of the first view"),
     strength: str = typer.Option("medium", help="light, medium or strong"),
 ) -> None:
     """A grid of the original and N augmented views."""
+    check_choice("--strength", strength, AUGMENT_STRENGTHS)
     from captioner.data.images import load_image
     from captioner.viz.previews import render_augment_preview
 

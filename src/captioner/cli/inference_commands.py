@@ -17,6 +17,7 @@ from pathlib import Path
 import typer
 
 from captioner.cli.common import EXIT_USER_ERROR, friendly_errors
+from captioner.settings import BACKENDS, check_choice
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
 FORMATS = ("text", "json", "csv")
@@ -104,16 +105,16 @@ def caption_cmd(
     backend: str = typer.Option("auto", help=BACKEND_HELP),
 ) -> None:
     """Caption images. Unreadable files are reported on stderr and skipped (exit code 1)."""
-    from tqdm.auto import tqdm
-
     from captioner.api import Captioner
     from captioner.data.images import load_image
     from captioner.errors import ImageLoadError
     from captioner.io import atomic_write_text
+    from captioner.progress import progress_bar
 
     if fmt not in FORMATS:
         _err(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
         raise typer.Exit(EXIT_USER_ERROR)
+    check_choice("--backend", backend, BACKENDS)
     paths, problems = expand_inputs(inputs)
     for problem in problems:
         _err(problem)
@@ -125,7 +126,7 @@ def caption_cmd(
     stream = output is None and fmt != "json"  # text and CSV go out batch by batch
     rows: list[dict] = []
     failed = len(problems)
-    bar = tqdm(
+    bar = progress_bar(
         total=len(paths),
         unit="img",
         file=sys.stderr,
@@ -184,7 +185,7 @@ def predict_cmd(
         help="an image name from the dataset, or a path to any image file; default: a random "
         "image of --split",
     ),
-    seed: int = typer.Option(0, help="which random image (without --image)"),
+    seed: int = typer.Option(0, min=0, help="which random image (without --image)"),
     beam_size: int | None = typer.Option(
         None, min=1, max=20, help="beam width (1 = greedy); default: the model's"
     ),
@@ -195,36 +196,16 @@ def predict_cmd(
     ),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
 ) -> None:
-    """Caption one image, print it with the human references, draw the per-word attention."""
+    """Caption one image, print it with the human references, draw the per-word attention.
+
+    --image FILE needs no prepared dataset (references are shown when the file is one of the
+    dataset's images); a bare image name, or no --image at all, looks in --work-dir."""
     from captioner.api import Captioner
     from captioner.data.images import load_image
-    from captioner.data.prepare import PreparedData
-    from captioner.errors import DataError
     from captioner.viz.attention import render_attention_figure
 
-    prepared = None
-    if image is None or not Path(image).is_file() or (work_dir / "dataset.json").is_file():
-        prepared = PreparedData.load(work_dir)  # a file outside a prepared dataset needs none
-    references: list[str] | None = None
-    if image is None:
-        names = prepared.splits[split]
-        if not names:
-            raise DataError(f"the {split} split of {work_dir} has no images")
-        name = random.Random(seed).choice(names)
-        path = prepared.images_dir / name
-        references = prepared.captions[name]
-    elif Path(image).is_file():
-        path = Path(image)
-        name = path.name
-        inside = prepared is not None and path.resolve() == (prepared.images_dir / name).resolve()
-        if inside and name in prepared.captions:
-            references = prepared.captions[name]
-    elif image in prepared.captions:
-        name, path = image, prepared.images_dir / image
-        references = prepared.captions[name]
-    else:
-        raise DataError(f"{image}: neither an image of {work_dir} nor an image file")
-
+    check_choice("--backend", backend, BACKENDS)
+    path, references = _predict_image(image, work_dir, split, seed)
     rgb = load_image(path)
     captioner = Captioner.from_pretrained(model, backend=backend)
     result = captioner.caption(
@@ -242,6 +223,41 @@ def predict_cmd(
     typer.echo(f"wrote {written}")
 
 
+def _predict_image(
+    image: str | None, work_dir: Path, split: str, seed: int
+) -> tuple[Path, list[str] | None]:
+    """The image predict captions and its human references (None outside the dataset)."""
+    from captioner.data.prepare import PreparedData
+    from captioner.errors import DataError, ImageLoadError
+
+    prepared_here = (work_dir / "dataset.json").is_file()
+    if image is None:  # a random image of the split: needs the prepared dataset
+        prepared = PreparedData.load(work_dir)
+        names = prepared.splits[split]
+        if not names:
+            raise DataError(f"the {split} split of {work_dir} has no images")
+        name = random.Random(seed).choice(names)
+        return prepared.images_dir / name, prepared.captions[name]
+    path = Path(image)
+    if path.is_dir():
+        raise ImageLoadError(
+            f"{image} is a folder: predict takes one image file "
+            "(`captioner caption FOLDER` captions every image in a folder)"
+        )
+    if path.is_file():
+        if not prepared_here:
+            return path, None
+        prepared = PreparedData.load(work_dir)
+        inside = path.resolve() == (prepared.images_dir / path.name).resolve()
+        return path, prepared.captions.get(path.name) if inside else None
+    if prepared_here:
+        prepared = PreparedData.load(work_dir)
+        if image in prepared.captions:  # an image name of the dataset
+            return prepared.images_dir / image, prepared.captions[image]
+        raise ImageLoadError(f"{image}: file not found (and not an image name of {work_dir})")
+    raise ImageLoadError(f"{image}: file not found")
+
+
 @friendly_errors
 def evaluate_cmd(
     model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
@@ -253,7 +269,10 @@ def evaluate_cmd(
     max_length: int = typer.Option(20, min=1, max=100, help="most words per caption"),
     no_repeat_ngram: int | None = typer.Option(None, min=0, max=10, help=NO_REPEAT_HELP),
     length_penalty: float | None = typer.Option(
-        None, help="beam score = log-prob / length ** this (0 = none); default: the model's"
+        None,
+        min=0.0,
+        max=10.0,
+        help="beam score = log-prob / length ** this (0 = none); default: the model's",
     ),
     batch_size: int = typer.Option(50, min=1, max=1024, help="images per decoding batch"),
     out_dir: Path | None = typer.Option(
@@ -268,6 +287,8 @@ def evaluate_cmd(
     """Decode a whole split, print BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (0-100), save a report."""
     from captioner.evaluation.evaluate import evaluate
     from captioner.evaluation.metrics import format_scores
+
+    check_choice("--backend", backend, BACKENDS)
 
     report = evaluate(
         model,
@@ -298,12 +319,19 @@ def export_cmd(
         Path("onnx"), "--out-dir", "-o", help="folder for the .onnx files"
     ),
     tolerance: float = typer.Option(
-        1e-3, help="largest accepted ONNX-vs-PyTorch difference, relative to the output scale"
+        1e-3,
+        min=0.0,
+        max=1.0,
+        help="largest accepted ONNX-vs-PyTorch difference, relative to the output scale",
     ),
 ) -> None:
     """Export encoder.onnx, decoder_start.onnx, decoder_step.onnx and check them against PyTorch."""
     from captioner.api import resolve_model_path
+    from captioner.errors import ConfigError
     from captioner.model.captioning_model import CaptioningModel
+
+    if not tolerance > 0:
+        raise ConfigError(f"--tolerance must be greater than 0, not {tolerance!r}")
 
     captioning_model = CaptioningModel.from_pretrained(resolve_model_path(model))
     files = export_onnx(captioning_model, out_dir)

@@ -20,8 +20,8 @@ def _train(**kwargs) -> None:
 
 
 def _scst(**kwargs) -> None:
-    """Fine-tune a trained model with self-critical sequence training (CIDEr-D reward); rerun the
-    same command to resume."""
+    """Fine-tune a trained model with self-critical sequence training (reward: CIDEr-D, plus
+    sentence BLEU with --bleu-weight); rerun the same command to resume."""
     from captioner.training.scst import train_scst
 
     restart = kwargs.pop("restart")
@@ -47,9 +47,9 @@ scst_cmd.__doc__ = _scst.__doc__
 def average_cmd(
     run_dir: str = typer.Argument(..., help="a training run directory (with epochs/ and best/)"),
     out: str = typer.Option(..., "--out", help="where to save the averaged model"),
-    last: int = typer.Option(3, "--last", help="average the newest N kept epochs"),
+    last: int = typer.Option(3, "--last", min=1, help="average the newest N kept epochs"),
     epochs: list[int] = typer.Option(
-        None, "--epoch", help="average exactly these epochs instead (repeat the flag)"
+        None, "--epoch", min=1, help="average exactly these epochs instead (repeat the flag)"
     ),
 ) -> None:
     """Average the weights of a run's last epochs into one model (checkpoint averaging)."""

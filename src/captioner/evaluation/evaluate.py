@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from captioner.api import Captioner, resolve_model_path
 from captioner.data.prepare import PreparedData
 from captioner.errors import ConfigError, DataError
 from captioner.evaluation.metrics import java_available, score_captions
 from captioner.io import atomic_write_json
+from captioner.progress import progress_bar
 
 DEFAULT_EVAL_ROOT = Path("runs/eval")
 
@@ -124,7 +124,7 @@ def evaluate(
     predictions: dict[str, str] = {}
     decode_start = time.perf_counter()
     batches = [names[i : i + batch_size] for i in range(0, len(names), batch_size)]
-    bar = tqdm(
+    bar = progress_bar(
         batches,
         unit="batch",
         disable=not progress,
