@@ -240,6 +240,47 @@ def test_predict_outside_image_has_no_references(tiny_model_dir, shapes_prepared
     assert unknown.exit_code == 2 and "nope.jpg" in unknown.stderr
 
 
+def test_predict_missing_image_without_work_dir_says_file_not_found(tiny_model_dir, tmp_path):
+    result = run(
+        "predict",
+        "--model",
+        tiny_model_dir,
+        "--work-dir",
+        tmp_path / "not-prepared",
+        "--image",
+        tmp_path / "missing.jpg",
+        "--out",
+        tmp_path / "fig.png",
+    )
+    assert result.exit_code == 2, result.output
+    assert "missing.jpg: file not found" in result.stderr
+    assert "not a prepared work directory" not in result.stderr
+    assert not (tmp_path / "fig.png").exists()
+
+
+def test_predict_image_file_needs_no_work_dir(
+    tiny_model_dir, shapes_prepared, tmp_path, monkeypatch
+):
+    """The default --work-dir (work/flickr8k) does not exist here: a file is enough."""
+    picture = tmp_path / "mine.png"
+    shutil.copy(shapes_prepared.images_dir / shapes_prepared.splits.test[1], picture)
+    out = tmp_path / "fig.png"
+    monkeypatch.chdir(tmp_path)
+    result = run("predict", "--model", tiny_model_dir, "--image", picture, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "caption:" in result.stdout and "references: (none" in result.stdout
+    assert out.is_file()
+
+
+def test_predict_folder_is_a_clear_error(tiny_model_dir, image_folder, tmp_path):
+    result = run(
+        "predict", "--model", tiny_model_dir, "--image", image_folder, "-o", tmp_path / "f.png"
+    )
+    assert result.exit_code == 2, result.output
+    assert "is a folder" in result.stderr and "captioner caption" in result.stderr
+    assert "Traceback" not in result.output and not (tmp_path / "f.png").exists()
+
+
 # ------------------------------------------------------------------------------------------
 # evaluate
 # ------------------------------------------------------------------------------------------
