@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from captioner.data.prepare import PreparedData, PrepareSettings, prepare
 from captioner.errors import ConfigError, DataError
@@ -21,6 +20,7 @@ from captioner.io import atomic_write_json, atomic_write_text, read_json
 from captioner.model.captioning_model import CaptioningModel
 from captioner.model.config import DecoderConfig
 from captioner.model.decoder import ShowAttendTellDecoder, masked_caption_loss
+from captioner.progress import progress_bar as tqdm  # no bars when stderr is not a TTY
 from captioner.training.averaging import save_epoch_weights
 from captioner.training.batching import CaptionSamples, build_samples, image_batches
 from captioner.training.checkpoint import resume_latest, save_checkpoint, start_over

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from captioner.data.vocab import Vocabulary
 from captioner.decoding.greedy import banned_ids, masked_log_probs, select_rows
 from captioner.errors import ConfigError
 from captioner.model.captioning_model import CaptioningModel
 from captioner.model.decoder import ShowAttendTellDecoder
+from captioner.progress import progress_bar as tqdm  # no bars when stderr is not a TTY
 from captioner.training.batching import CaptionSamples, build_samples, image_batches
 from captioner.training.caption_reward import CaptionReward
 from captioner.training.checkpoint import resume_latest, save_checkpoint, start_over
