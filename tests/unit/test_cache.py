@@ -24,6 +24,7 @@ from captioner.features.cache import (
     cache_dir_for,
     dataset_fingerprint,
     extract_to_cache,
+    is_current,
     load_cache,
     view_seed,
 )
@@ -367,6 +368,132 @@ def test_empty_name_list_gives_complete_empty_cache(tmp_path, images_dir, ort_ex
     assert manifest(cache)["complete"] is True
     loaded_names, features = load_cache(cache)
     assert loaded_names == [] and features.numel() == 0
+
+
+def _same_size_copies(images_dir: Path, names: list[str]) -> None:
+    """Re-save the images as uncompressed PNGs: same dimensions give the same byte size, so an
+    in-place edit of one by another's pixels keeps the size."""
+    from PIL import Image
+
+    for name in names:
+        Image.open(images_dir / name).convert("RGB").save(images_dir / name, compress_level=0)
+
+
+def test_image_edited_in_place_with_same_size_and_mtime_is_noticed(
+    images_dir, names, tmp_path, ort_extractor, capsys
+):
+    import os
+
+    from PIL import Image
+
+    names = names[:2]
+    _same_size_copies(images_dir, names)
+    cache = tmp_path / "cache"
+    extract(images_dir, names, cache, ort_extractor)
+    _, before = load_cache(cache)
+    edited = images_dir / names[0]
+    size, stat = edited.stat().st_size, edited.stat()
+    Image.open(images_dir / names[1]).convert("RGB").save(edited, compress_level=0)
+    os.utime(edited, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as `cp -p` or rsync -t would
+    assert edited.stat().st_size == size and edited.stat().st_mtime_ns == stat.st_mtime_ns
+    assert not is_current(cache, images_dir, names, ort_extractor.spec, shard_size=2)
+    counting = Counting(ort_extractor)
+    extract(images_dir, names, cache, counting)
+    assert counting.images == 2 and "stale" in capsys.readouterr().out
+    _, after = load_cache(cache)
+    torch.testing.assert_close(after[0], after[1])  # the edited image is now the other picture
+    assert (after[0].float() - before[0].float()).abs().max() > 1e-2
+
+
+def test_missing_image_is_named_and_leaves_the_cache_alone(
+    images_dir, names, tmp_path, ort_extractor
+):
+    cache = tmp_path / "cache"
+    extract(images_dir, names, cache, ort_extractor)
+    stamps = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    kept = tmp_path / "kept.png"
+    shutil.move(images_dir / names[2], kept)
+    (images_dir / names[4]).unlink()
+    counting = Counting(ort_extractor)
+    with pytest.raises(CacheError, match="2 of 6 images are missing") as info:
+        extract(images_dir, names, cache, counting)
+    assert names[2] in str(info.value) and names[4] in str(info.value)
+    assert counting.calls == 0
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == stamps  # nothing touched
+    assert not is_current(cache, images_dir, names, ort_extractor.spec, shard_size=2)
+    # once they are back (the same bytes), the cache is current again: nothing to extract
+    shutil.move(kept, images_dir / names[2])
+    shutil.copy(images_dir / names[0], images_dir / names[4])  # this one comes back changed
+    extract(images_dir, names, cache, counting)
+    assert counting.images == 6  # changed content: rebuilt (after the check, not before)
+
+
+def _as_format1(cache: Path, images_dir: Path, names: list[str]) -> None:
+    """Rewrite a cache's manifest as the previous format wrote it (names and sizes only)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(f"{name}\0{(images_dir / name).stat().st_size}\n".encode())
+    saved = manifest(cache)
+    saved["format"] = 1
+    saved["dataset"]["fingerprint"] = digest.hexdigest()
+    (cache / MANIFEST).write_text(json.dumps(saved))
+
+
+def test_format1_cache_is_upgraded_in_place_when_its_shards_postdate_the_images(
+    images_dir, names, tmp_path, ort_extractor, capsys
+):
+    import os
+
+    cache = tmp_path / "cache"
+    for name in names:  # images older than the cache, as when it was built from them
+        os.utime(images_dir / name, ns=(1_000_000_000_000_000_000,) * 2)
+    extract(images_dir, names, cache, ort_extractor)
+    _, before = load_cache(cache)
+    _as_format1(cache, images_dir, names)
+    assert not is_current(cache, images_dir, names, ort_extractor.spec, shard_size=2)
+    counting = Counting(ort_extractor)
+    extract(images_dir, names, cache, counting)
+    assert counting.calls == 0  # verified, not re-extracted
+    assert "upgraded in place" in capsys.readouterr().out
+    assert manifest(cache)["format"] == 2 and manifest(cache)["complete"] is True
+    assert is_current(cache, images_dir, names, ort_extractor.spec, shard_size=2)
+    torch.testing.assert_close(load_cache(cache)[1], before, rtol=0, atol=0)
+
+
+def test_format1_cache_reextracts_the_shards_of_images_changed_after_them(
+    images_dir, names, tmp_path, ort_extractor, capsys
+):
+    import os
+
+    from PIL import Image
+
+    names = names[:4]
+    _same_size_copies(images_dir, names)
+    for name in names:
+        os.utime(images_dir / name, ns=(1_000_000_000_000_000_000,) * 2)
+    cache = tmp_path / "cache"
+    extract(images_dir, names, cache, ort_extractor)
+    _as_format1(cache, images_dir, names)
+    # edited in place after the old cache was built: same size, so format 1 missed it
+    Image.open(images_dir / names[0]).convert("RGB").save(images_dir / names[3], compress_level=0)
+    counting = Counting(ort_extractor)
+    extract(images_dir, names, cache, counting)
+    assert counting.images == 2  # the shard holding names[3], not the other one
+    assert "extracting 1 again" in capsys.readouterr().out
+    _, after = load_cache(cache)
+    torch.testing.assert_close(after[3], after[0])
+    assert is_current(cache, images_dir, names, ort_extractor.spec, shard_size=2)
+
+
+def test_format1_cache_of_other_images_is_rebuilt(images_dir, names, tmp_path, ort_extractor):
+    cache = tmp_path / "cache"
+    extract(images_dir, names[:4], cache, ort_extractor)
+    _as_format1(cache, images_dir, names[:4])
+    counting = Counting(ort_extractor)
+    extract(images_dir, names, cache, counting)  # other names: stale, rebuilt
+    assert counting.images == 6 and manifest(cache)["format"] == 2
 
 
 # ---- augmented views -----------------------------------------------------------------------

@@ -5,6 +5,18 @@ k >= 1 is the k-th seeded augmentation of it. Features are written in shards of 
 ``manifest.json`` records what produced them and which shards are done, so an interrupted
 extraction resumes at the first missing shard, and a cache made from other images, another
 encoder or other augmentation settings is detected and rebuilt.
+
+The images are fingerprinted by name, byte size and a SHA-256 of their whole content, so an
+image edited in place (same size, even with its modification time put back) is noticed. A
+whole-file hash is cheap next to decoding: 0.45 s for the 8,091 Flickr8k JPEGs (169 MB,
+measured warm on an idle machine; 1.5 s on a busy one).
+Modification times are deliberately left out of the fingerprint: they add nothing to a content
+hash but would rebuild a cache whose images were merely copied or touched.
+
+Caches of format 1 (fingerprint of names and sizes only) are upgraded in place, not rebuilt
+silently: when names and sizes still match, every shard whose images all predate it (and whose
+recorded image names are the expected ones) is kept, and only the other shards are re-extracted,
+with a message saying so.
 """
 
 from __future__ import annotations
@@ -18,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -29,17 +42,62 @@ from captioner.io import atomic_path, atomic_write_json, read_json
 
 MANIFEST = "manifest.json"
 SHARD_SIZE = 512  # images per safetensors shard: the unit of resumption
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 1: fingerprint of names and sizes only (upgraded in place, see above)
+_SHOWN_MISSING = 10  # missing images named in the error message
+
+
+def _content_hash(path: Path) -> str:
+    try:
+        with open(path, "rb") as handle:
+            if hasattr(hashlib, "file_digest"):  # Python 3.11+
+                return hashlib.file_digest(handle, "sha256").hexdigest()
+            digest = hashlib.sha256()
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+            return digest.hexdigest()
+    except OSError as exc:
+        raise CacheError(f"cannot read image {path} to fingerprint it: {exc}") from exc
 
 
 def dataset_fingerprint(images_dir: Path, names: list[str]) -> str:
-    """Names and byte sizes of the images, in order: changes when the image set changes."""
+    """Names, byte sizes and content hashes of the images, in order: changes when any image is
+    added, removed, renamed, reordered or edited (a missing one counts as size -1)."""
     digest = hashlib.sha256()
     for name in names:
-        path = images_dir / name
+        path = Path(images_dir) / name
+        if path.is_file():
+            size, content = path.stat().st_size, _content_hash(path)
+        else:
+            size, content = -1, ""
+        digest.update(f"{name}\0{size}\0{content}\n".encode())
+    return digest.hexdigest()
+
+
+def _legacy_fingerprint(images_dir: Path, names: list[str]) -> str:
+    """Format 1's fingerprint: names and byte sizes only."""
+    digest = hashlib.sha256()
+    for name in names:
+        path = Path(images_dir) / name
         size = path.stat().st_size if path.is_file() else -1
         digest.update(f"{name}\0{size}\n".encode())
     return digest.hexdigest()
+
+
+def missing_images(images_dir: Path, names: list[str]) -> list[str]:
+    return [name for name in names if not (Path(images_dir) / name).is_file()]
+
+
+def _check_images_exist(images_dir: Path, names: list[str]) -> None:
+    """Fail before touching the cache: a deleted image must not cost the features of the rest."""
+    missing = missing_images(images_dir, names)
+    if missing:
+        shown = ", ".join(missing[:_SHOWN_MISSING])
+        more = f" and {len(missing) - _SHOWN_MISSING} more" if len(missing) > _SHOWN_MISSING else ""
+        raise CacheError(
+            f"{len(missing)} of {len(names)} images are missing from {images_dir}: {shown}{more}. "
+            "Restore them (the feature cache is left as it was), or prepare the data again "
+            "without them"
+        )
 
 
 def view_seed(name: str, view: int, seed: int) -> int:
@@ -131,6 +189,7 @@ def extract_to_cache(
     images_dir, cache_dir = Path(images_dir), Path(cache_dir)
     if view > 0 and not augment:
         raise CacheError("augmented views need augment settings ({'seed', 'strength'})")
+    _check_images_exist(images_dir, names)
     expected = _expected_manifest(
         extractor.spec,
         dataset_fingerprint(images_dir, names),
@@ -154,6 +213,11 @@ def extract_to_cache(
                 if (cache_dir / f"shard_{k}.safetensors").is_file()
             }
             saved_complete = saved.get("complete") is True
+        elif (kept := _upgrade_legacy(cache_dir, saved, expected, images_dir, names)) is not None:
+            shards = kept
+            atomic_write_json(
+                manifest_path, {**expected, "shards": shards, "complete": False}
+            )  # complete again below once nothing is left to do
         else:
             changed = [k for k in expected if saved.get(k) != expected[k]]
             print(f"feature cache {cache_dir} is stale ({', '.join(changed)} changed): rebuilding")
@@ -201,6 +265,55 @@ def extract_to_cache(
     return cache_dir
 
 
+def _upgrade_legacy(
+    cache_dir: Path, saved: dict, expected: dict, images_dir: Path, names: list[str]
+) -> dict[str, int] | None:
+    """The shards of a format-1 cache that can be kept under the new fingerprint, or None when
+    it is not a format-1 cache of these names and sizes (then it is rebuilt as stale). A shard
+    is kept when it lists the expected images and none of them was modified after it was
+    written; the others are deleted, to be extracted again."""
+    legacy = {
+        **expected,
+        "format": 1,
+        "dataset": {"fingerprint": _legacy_fingerprint(images_dir, names), "count": len(names)},
+    }
+    if {k: saved.get(k) for k in legacy} != legacy:
+        return None
+    shard_size, kept = expected["shard_size"], {}
+    recorded = saved.get("shards", {})
+    for key, count in recorded.items():
+        path = cache_dir / f"shard_{key}.safetensors"
+        start = int(key) * shard_size
+        shard_names = names[start : start + shard_size]
+        if (
+            path.is_file()
+            and count == len(shard_names)
+            and _shard_predates(path, shard_names, images_dir)
+        ):
+            kept[key] = count
+        elif path.is_file():
+            path.unlink()
+    redo = len(recorded) - len(kept)
+    print(
+        f"feature cache {cache_dir} has the old fingerprint (image names and sizes only): "
+        f"upgraded in place to content hashes, keeping {len(kept)} verified shards"
+        + (f" and extracting {redo} again (their images changed after extraction)" if redo else "")
+    )
+    return kept
+
+
+def _shard_predates(path: Path, shard_names: list[str], images_dir: Path) -> bool:
+    """Whether a shard holds ``shard_names`` and was written after each of them last changed."""
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            if json.loads(handle.metadata()["images"]) != shard_names:
+                return False
+    except Exception:  # noqa: BLE001 - an unreadable shard is extracted again
+        return False
+    written = path.stat().st_mtime_ns
+    return all((images_dir / n).stat().st_mtime_ns < written for n in shard_names)
+
+
 def _load_batch(images_dir, batch_names, view, augment, extractor) -> np.ndarray:
     images = [_load_view(images_dir, n, view, augment) for n in batch_names]
     return preprocess(images, extractor.spec)
@@ -228,8 +341,6 @@ def load_cache(cache_dir: Path) -> tuple[list[str], torch.Tensor]:
     for key in sorted(manifest["shards"]):
         path = cache_dir / f"shard_{key}.safetensors"
         try:
-            from safetensors import safe_open
-
             with safe_open(str(path), framework="numpy") as handle:
                 names.extend(json.loads(handle.metadata()["images"]))
             parts.append(load_file(str(path))["features"])
