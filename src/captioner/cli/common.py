@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # Typer's vendored click
     from typer._click import core as click
 
 EXIT_USER_ERROR = 2
+MODEL_HELP = "saved model directory (from training); default: the bundled pretrained model"
 
 
 def friendly_errors(func: Callable) -> Callable:

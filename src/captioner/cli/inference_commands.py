@@ -1,4 +1,5 @@
-"""caption, predict, evaluate and export: the inference side of the CLI.
+"""caption, predict and evaluate (and export, from export_command): the inference side of the
+CLI.
 
 Each command only parses options, calls ``captioner.api`` (or the evaluation / export helpers)
 and formats the result; a CaptionerError becomes one red line and exit code 2.
@@ -16,14 +17,14 @@ from pathlib import Path
 
 import typer
 
-from captioner.cli.common import EXIT_USER_ERROR, friendly_errors
+from captioner.cli.common import EXIT_USER_ERROR, MODEL_HELP, friendly_errors
+from captioner.cli.export_command import check_parity, export_cmd, export_onnx
 from captioner.settings import BACKENDS, check_choice
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
 FORMATS = ("text", "json", "csv")
 PROGRESS_MIN_IMAGES = 8  # show a progress bar from this many images on
 
-MODEL_HELP = "saved model directory (from training); default: the bundled pretrained model"
 WORK_DIR_HELP = "prepared work dir (from `captioner prepare`)"
 BACKEND_HELP = "auto (ONNX Runtime, else PyTorch), onnx or torch"
 NO_REPEAT_HELP = "never repeat an n-gram of this size in a caption (0 = off); default: the model's"
@@ -312,128 +313,7 @@ def evaluate_cmd(
     typer.echo(f"wrote {report['report_file']}\nwrote {report['results_file']}")
 
 
-@friendly_errors
-def export_cmd(
-    model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
-    out_dir: Path = typer.Option(
-        Path("onnx"), "--out-dir", "-o", help="folder for the .onnx files"
-    ),
-    tolerance: float = typer.Option(
-        1e-3,
-        min=0.0,
-        max=1.0,
-        help="largest accepted ONNX-vs-PyTorch difference, relative to the output scale",
-    ),
-) -> None:
-    """Export encoder.onnx, decoder_start.onnx, decoder_step.onnx and check them against PyTorch."""
-    from captioner.api import resolve_model_path
-    from captioner.errors import ConfigError
-    from captioner.model.captioning_model import CaptioningModel
-
-    if not tolerance > 0:
-        raise ConfigError(f"--tolerance must be greater than 0, not {tolerance!r}")
-
-    captioning_model = CaptioningModel.from_pretrained(resolve_model_path(model))
-    files = export_onnx(captioning_model, out_dir)
-    for path in files:
-        typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
-    parity = check_parity(captioning_model, out_dir)
-    typer.echo(
-        f"parity on one synthetic image: encoder max abs diff {parity['encoder']:.2e} "
-        f"(scale {parity['encoder_scale']:.2f}), decoder logits {parity['logits']:.2e} "
-        f"(scale {parity['logits_scale']:.2f}), attention {parity['alpha']:.2e}"
-    )
-    typer.echo(
-        f"greedy caption  torch: {parity['caption_torch']!r}\n"
-        f"                 onnx: {parity['caption_onnx']!r}"
-    )
-    bad = [
-        k for k in ("encoder", "logits") if parity[k] > tolerance * max(1.0, parity[k + "_scale"])
-    ]
-    if bad or parity["alpha"] > tolerance or parity["caption_torch"] != parity["caption_onnx"]:
-        _err("the ONNX files do not match PyTorch within the tolerance")
-        raise typer.Exit(1)
-    typer.echo("parity ok")
-
-
-def export_onnx(model, out_dir: Path) -> list[Path]:
-    """Write encoder.onnx, decoder_start.onnx and decoder_step.onnx into ``out_dir``.
-
-    All three are produced in a temporary folder inside ``out_dir`` and then moved into place,
-    so an interrupted export never leaves a mix of old and new files.
-    """
-    import os
-    import shutil
-    import tempfile
-
-    from captioner.features.onnx import export_encoder
-    from captioner.model.onnx_decoder import export_decoder
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    names = ["encoder.onnx", "decoder_start.onnx", "decoder_step.onnx"]
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp_name:
-        tmp = Path(tmp_name)
-        # the encoder is fixed pretrained weights: reuse the export cached for inference
-        shutil.copyfile(export_encoder(model.encoder.name), tmp / "encoder.onnx")
-        export_decoder(model.decoder, tmp)
-        for name in names:
-            os.replace(tmp / name, out_dir / name)
-    return [out_dir / name for name in names]
-
-
-def check_parity(model, onnx_dir: Path, steps: int = 8) -> dict:
-    """Run PyTorch and the exported ONNX files on one synthetic image; return the differences."""
-    import numpy as np
-    import torch
-
-    from captioner.decoding import greedy_decode
-    from captioner.features.encoders import build_encoder, preprocess
-    from captioner.features.onnx import ort_session
-    from captioner.model.onnx_decoder import OrtStepper
-
-    rng = np.random.default_rng(0)
-    image = rng.integers(
-        0, 256, size=(model.encoder.image_size, model.encoder.image_size, 3), dtype=np.uint8
-    )
-    batch = preprocess([image], model.encoder)  # (1, 3, S, S) float32
-    with torch.inference_mode():
-        feats_torch = build_encoder(model.encoder.name)(torch.from_numpy(batch)).numpy()
-    feats_onnx = ort_session(onnx_dir / "encoder.onnx").run(None, {"images": batch})[0]
-    features = torch.from_numpy(feats_torch)  # (1, P, C): both decoders read the same grid
-
-    torch_stepper = model.decoder
-    onnx_stepper = OrtStepper(onnx_dir, model.decoder.config.cell)
-    logits_diff = alpha_diff = logits_scale = 0.0
-    with torch.inference_mode():
-        memory_t, state_t = torch_stepper.start(features)
-        memory_o, state_o = onnx_stepper.start(features)
-        tokens = torch.full((1,), model.vocab.start_id, dtype=torch.long)
-        for _ in range(steps):
-            logits_t, state_t, alpha_t = torch_stepper.step(tokens, state_t, memory_t)
-            logits_o, state_o, alpha_o = onnx_stepper.step(tokens, state_o, memory_o)
-            logits_diff = max(logits_diff, float((logits_t - logits_o).abs().max()))
-            alpha_diff = max(alpha_diff, float((alpha_t - alpha_o).abs().max()))
-            logits_scale = max(logits_scale, float(logits_t.abs().max()))
-            tokens = logits_t.argmax(dim=1)  # teacher-force both with torch's choice
-        ids = dict(
-            start_id=model.vocab.start_id,
-            end_id=model.vocab.end_id,
-            unk_id=model.vocab.unk_id,
-            pad_id=model.vocab.pad_id,
-        )
-        captions = [
-            model.vocab.decode(greedy_decode(s, features, max_length=20, **ids)[0].token_ids)
-            for s in (torch_stepper, onnx_stepper)
-        ]
-    return {
-        "encoder": float(np.abs(feats_torch - feats_onnx).max()),
-        "encoder_scale": float(np.abs(feats_torch).max()),
-        "logits": logits_diff,
-        "logits_scale": logits_scale,
-        "alpha": alpha_diff,
-        "caption_torch": captions[0],
-        "caption_onnx": captions[1],
-    }
+__all__ = ["check_parity", "export_onnx", "register"]  # export helpers: re-exported
 
 
 def register(app: typer.Typer) -> None:
