@@ -37,6 +37,7 @@ from captioner.decoding.greedy import (
     banned_ids,
     block_repeated_ngrams,
     check_inputs,
+    check_word_bias,
     masked_log_probs,
     normalised_score,
     select_rows,
@@ -69,6 +70,7 @@ def beam_search(
     end_id: int = 2,
     unk_id: int = 3,
     pad_id: int = 0,
+    word_bias: torch.Tensor | None = None,
 ) -> list[DecodeResult]:
     """Beam-search every image of ``features`` (B, P, C) with ``beam_size`` beams each.
 
@@ -87,6 +89,7 @@ def beam_search(
     B, K = features.size(0), int(beam_size)
     if B == 0:
         return []
+    word_bias = check_word_bias(word_bias, B)
     device = features.device
     banned = torch.tensor(banned_ids(pad_id, start_id, unk_id, suppress_unk), device=device)
     slot = torch.arange(K, device=device)  # (K,)
@@ -114,7 +117,10 @@ def beam_search(
         V = logits.size(1)
         if no_repeat_ngram_size > 0:
             logits = block_repeated_ngrams(logits, emitted, no_repeat_ngram_size, end_id)
-        logp = masked_log_probs(logits, banned)  # (n*w, V)
+        bias = None
+        if word_bias is not None:  # each image's row, repeated for its beams
+            bias = word_bias.index_select(0, active).repeat_interleave(width, dim=0)  # (n*w, V)
+        logp = masked_log_probs(logits, banned, bias)  # (n*w, V)
         cand = (cum.view(n * width, 1) + logp).view(n, width * V)  # (n, w*V)
         padded = width * V < K  # fewer candidates than slots (tiny vocabularies)
         if padded:

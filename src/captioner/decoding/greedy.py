@@ -14,6 +14,10 @@ Conventions shared with :func:`captioner.decoding.beam.beam_search` (so that bea
 - With ``no_repeat_ngram_size=n`` > 0, a token that would complete an n-gram already in the
   hypothesis gets logit -inf (before the log-softmax, like the banned ids). ``<end>`` is never
   blocked, so a hypothesis can always stop.
+- ``word_bias`` (B, V), when given, is added to every step's logits of that image before the
+  log-softmax: the step distribution becomes ``p(w) * exp(bias[w])`` renormalised (a product of
+  experts with a fixed per-image word prior). Grounding uses it to favour the words the
+  encoder's concepts support and to disfavour the ones they contradict.
 - ``alphas`` has one attention row per returned token (the attention of the ``<end>`` step is
   dropped), each a distribution over the P grid cells.
 """
@@ -66,10 +70,24 @@ def banned_ids(pad_id: int, start_id: int, unk_id: int, suppress_unk: bool) -> l
     return [pad_id, start_id, *([unk_id] if suppress_unk else [])]
 
 
-def masked_log_probs(logits: torch.Tensor, banned: torch.Tensor) -> torch.Tensor:
-    """logits (N, V) -> log-probs (N, V) float32 with the banned ids at -inf."""
-    logits = logits.float().index_fill(1, banned, float("-inf"))  # (N, V)
+def masked_log_probs(
+    logits: torch.Tensor, banned: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """logits (N, V) (+ bias (N, V)) -> log-probs (N, V) float32 with the banned ids at -inf."""
+    logits = logits.float()
+    if bias is not None:
+        logits = logits + bias  # (N, V)
+    logits = logits.index_fill(1, banned, float("-inf"))  # (N, V)
     return torch.log_softmax(logits, dim=1)  # (N, V)
+
+
+def check_word_bias(word_bias: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    """A (B, V) float bias, or None; a wrong shape is a caller's bug worth a clear message."""
+    if word_bias is None:
+        return None
+    if word_bias.dim() != 2 or word_bias.size(0) != batch:
+        raise ValueError(f"word_bias must be (B={batch}, V), got shape {tuple(word_bias.shape)}")
+    return word_bias.float()
 
 
 def block_repeated_ngrams(
@@ -114,14 +132,16 @@ def greedy_decode(
     suppress_unk: bool = False,
     length_penalty: float = 1.0,
     no_repeat_ngram_size: int = 0,
+    word_bias: torch.Tensor | None = None,
 ) -> list[DecodeResult]:
     """Decode every image of ``features`` (B, P, C) at once, taking the most likely token at
     each step; a row stops at its first ``<end>``. Finished rows are dropped from the batch, so
-    the stepper only runs the captions still going."""
+    the stepper only runs the captions still going. ``word_bias`` (B, V): see the module doc."""
     check_inputs(features, max_length)
     B = features.size(0)
     if B == 0:
         return []
+    word_bias = check_word_bias(word_bias, B)
     device = features.device
     banned = torch.tensor(banned_ids(pad_id, start_id, unk_id, suppress_unk), device=device)
     memory, state = stepper.start(features)
@@ -137,7 +157,8 @@ def greedy_decode(
         if no_repeat_ngram_size > 0:
             past = hist_tok[:t, active].T  # (n, t)
             logits = block_repeated_ngrams(logits, past, no_repeat_ngram_size, end_id)
-        logp = masked_log_probs(logits, banned)  # (n, V)
+        bias = None if word_bias is None else word_bias.index_select(0, active)  # (n, V)
+        logp = masked_log_probs(logits, banned, bias)  # (n, V)
         tokens = logp.argmax(dim=1)  # (n,) the first maximum on ties
         cum = cum + logp.gather(1, tokens.unsqueeze(1)).squeeze(1)  # (n,)
         if hist_alpha is None:

@@ -48,15 +48,35 @@ class EncoderSpec:
 
 
 class EfficientNetLiteGrid(nn.Module):
-    """EfficientNet-Lite up to its last 1x1 conv (before pooling): (B,3,S,S) -> (B, P, 1280)."""
+    """EfficientNet-Lite up to its last 1x1 conv (before pooling): (B,3,S,S) -> (B, P, 1280).
+
+    ``head`` is the network's own ImageNet classifier (mean pool + linear), kept so that the
+    same pass can say what it sees: ``concept_logits(grid)`` -> (B, 1000)."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
+        self.head: nn.Linear = net._fc
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         grid = self.net.extract_features(images)  # (B, C, g, g)
         return grid.flatten(2).transpose(1, 2).contiguous()  # (B, g*g, C)
+
+    def concept_logits(self, grid: torch.Tensor) -> torch.Tensor:
+        """grid (B, P, C) -> ImageNet logits (B, 1000); eval-mode dropout is the identity."""
+        return self.head(grid.float().mean(dim=1))  # (B, 1000)
+
+
+class GridAndConcepts(nn.Module):
+    """(B,3,S,S) -> (grid (B, P, C), ImageNet logits (B, 1000)): the exported encoder graph."""
+
+    def __init__(self, encoder: EfficientNetLiteGrid):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        grid = self.encoder(images)  # (B, P, C)
+        return grid, self.encoder.concept_logits(grid)
 
 
 def _architecture(spec: EncoderSpec) -> str:
@@ -113,6 +133,12 @@ def build_encoder(name: str) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def concept_head(name: str) -> nn.Linear:
+    """The encoder's ImageNet classifier alone (C -> 1000), frozen: turns cached grids into
+    concept logits without running the backbone again."""
+    return build_encoder(name).head
 
 
 def preprocess(images: Sequence[np.ndarray], spec: EncoderSpec) -> np.ndarray:

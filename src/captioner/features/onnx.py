@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from captioner.features.encoders import EncoderSpec, build_encoder, get_spec
+from captioner.features.encoders import EncoderSpec, GridAndConcepts, build_encoder, get_spec
 from captioner.io import atomic_path
 
 
@@ -31,17 +31,24 @@ def _quiet_export(model: torch.nn.Module, example: tuple, path: Path, **kwargs) 
 
 
 def export_encoder(name: str, path: Path | None = None) -> Path:
-    """Export the encoder to ONNX (batch dimension dynamic); reuse an existing export."""
+    """Export the encoder to ONNX (batch dimension dynamic); reuse an existing export.
+
+    Two outputs from one pass: ``features`` (B, P, C), the grid the decoder attends over, and
+    ``concepts`` (B, 1000), the ImageNet classifier's logits (the "-concepts" in the file name
+    keeps exports from before that output apart)."""
     spec = get_spec(name)
     if path is None:
         path = (
             cache_root()
             / "onnx"
-            / (f"{name}-{spec.image_size}-r{spec.revision}-torch{torch.__version__}.onnx")
+            / (
+                f"{name}-{spec.image_size}-r{spec.revision}-concepts"
+                f"-torch{torch.__version__}.onnx"
+            )
         )
     if path.is_file():
         return path
-    model = build_encoder(name)
+    model = GridAndConcepts(build_encoder(name)).eval()
     example = (torch.zeros(1, 3, spec.image_size, spec.image_size),)
     with atomic_path(path) as tmp:
         _quiet_export(
@@ -49,8 +56,12 @@ def export_encoder(name: str, path: Path | None = None) -> Path:
             example,
             tmp,
             input_names=["images"],
-            output_names=["features"],
-            dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
+            output_names=["features", "concepts"],
+            dynamic_axes={
+                "images": {0: "batch"},
+                "features": {0: "batch"},
+                "concepts": {0: "batch"},
+            },
         )
     return path
 
@@ -90,7 +101,17 @@ class FeatureExtractor:
             self.backend = "torch"
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """(B, 3, S, S) -> the grid (B, P, C) only (what the feature cache stores)."""
         if self._session is not None:
-            return self._session.run(None, {"images": batch})[0]
+            return self._session.run(["features"], {"images": batch})[0]
         with torch.inference_mode():
             return self._torch(torch.from_numpy(batch)).numpy()
+
+    def with_concepts(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(B, 3, S, S) -> (grid (B, P, C), ImageNet logits (B, 1000)) from one encoder pass."""
+        if self._session is not None:
+            grid, logits = self._session.run(["features", "concepts"], {"images": batch})
+            return grid, logits
+        with torch.inference_mode():
+            grid = self._torch(torch.from_numpy(batch))  # (B, P, C)
+            return grid.numpy(), self._torch.concept_logits(grid).numpy()
