@@ -20,6 +20,7 @@ from captioner.data.images import ImageInput, load_image
 from captioner.errors import CheckpointError, ConfigError
 from captioner.features.encoders import preprocess
 from captioner.features.onnx import FeatureExtractor
+from captioner.grounding.grounder import Grounder
 from captioner.model.captioning_model import CaptioningModel
 
 DEFAULT_MODEL = "flickr8k"
@@ -33,6 +34,11 @@ class CaptionResult:
     score: float  # length-normalised log-probability of the best beam
     attention: np.ndarray | None  # (len(tokens), grid, grid) float32, each map sums to 1
     alternatives: list[tuple[str, float]] = field(default_factory=list)  # all beams, best first
+    # what the encoder's ImageNet head sees, as everyday words: [("cat", 0.95), ...]
+    concepts: list[tuple[str, float]] = field(default_factory=list)
+    # share of held-out training photos at least as unusual (None: the model has no grounding)
+    in_domain: float | None = None
+    out_of_domain: bool = False  # in_domain below the model's threshold: may well be wrong
 
 
 def bundled_model_dir(name: str = DEFAULT_MODEL) -> Path:
@@ -72,7 +78,13 @@ def _single_torch_thread(enabled: bool):
 class Captioner:
     """Encoder + decoder + vocabulary, ready to caption images on CPU."""
 
-    def __init__(self, model: CaptioningModel, backend: str = "auto", threads: int | None = None):
+    def __init__(
+        self,
+        model: CaptioningModel,
+        backend: str = "auto",
+        threads: int | None = None,
+        grounder: Grounder | None = None,
+    ):
         if backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
         self.model = model
@@ -80,6 +92,8 @@ class Captioner:
         self.spec = model.encoder
         self.extractor = FeatureExtractor(model.encoder.name, backend, threads)
         self.stepper = model.decoder
+        self.grounder = grounder  # concepts, in-domain score and word bias (None: plain model)
+        self._concept_head = None  # torch head for grids that come without logits (cache)
         self.backend = "torch"
         if backend in ("auto", "onnx"):
             try:
@@ -104,8 +118,17 @@ class Captioner:
         backend: str = "auto",
         threads: int | None = None,
     ) -> Captioner:
-        """A saved model directory, or the bundled Flickr8k model when ``path`` is None."""
-        return cls(CaptioningModel.from_pretrained(resolve_model_path(path)), backend, threads)
+        """A saved model directory, or the bundled Flickr8k model when ``path`` is None; its
+        grounding (grounding.json + grounding.safetensors) is loaded when it has one."""
+        path = resolve_model_path(path)
+        model = CaptioningModel.from_pretrained(path)
+        grounder = Grounder.from_pretrained(path)
+        if grounder is not None and grounder.vocab_size != len(model.vocab):
+            raise CheckpointError(
+                f"{path}: grounding is for a {grounder.vocab_size}-word vocabulary, the model "
+                f"has {len(model.vocab)}"
+            )
+        return cls(model, backend, threads, grounder)
 
     @property
     def grid_size(self) -> int:
@@ -115,6 +138,22 @@ class Captioner:
         """Images -> encoder grids (B, P, C) float32."""
         arrays = [load_image(img) for img in images]
         return torch.from_numpy(self.extractor(preprocess(arrays, self.spec)))
+
+    def encode_with_concepts(self, images: Sequence[ImageInput]) -> tuple[torch.Tensor, np.ndarray]:
+        """Images -> (grids (B, P, C) float32, ImageNet logits (B, 1000)), one encoder pass."""
+        arrays = [load_image(img) for img in images]
+        grid, logits = self.extractor.with_concepts(preprocess(arrays, self.spec))
+        return torch.from_numpy(grid), logits
+
+    def concept_logits(self, features: torch.Tensor) -> np.ndarray:
+        """Grids (B, P, C) -> ImageNet logits (B, 1000) by the encoder's own head (the same
+        numbers the encoder pass gives, for grids read from a feature cache)."""
+        if self._concept_head is None:
+            from captioner.features.encoders import concept_head
+
+            self._concept_head = concept_head(self.spec.name)
+        with torch.inference_mode():
+            return self._concept_head(features.float().mean(dim=1)).numpy()  # (B, 1000)
 
     def generation_settings(self, **overrides) -> dict:
         """The model's decoding defaults (generation_config.json) with every override that is
@@ -134,10 +173,16 @@ class Captioner:
         length_penalty: float | None = None,
         suppress_unk: bool | None = None,
         no_repeat_ngram_size: int | None = None,
+        grounding: bool = True,
+        grounding_strength: float | None = None,
     ) -> list[CaptionResult]:
         """Caption one image or many (paths, bytes, PIL images or RGB arrays); one result each.
 
-        Decoding settings left as None come from the model's generation_config.json."""
+        Decoding settings left as None come from the model's generation_config.json. With a
+        grounded model, ``grounding=False`` decodes without the concepts' word bias (concepts
+        and the in-domain score are still reported); ``grounding_strength`` replaces the
+        per-image strength (dev choice in domain, ``ood_strength`` outside) by one value for
+        every image (0 = no bias)."""
         if isinstance(images, (str, os.PathLike, bytes, np.ndarray)) or not isinstance(
             images, Sequence
         ):
@@ -145,14 +190,21 @@ class Captioner:
         images = list(images)
         if not images:
             return []
+        if self.grounder is None:
+            features, logits = self.encode(images), None
+        else:
+            features, logits = self.encode_with_concepts(images)
         return self.caption_features(
-            self.encode(images),
+            features,
             beam_size,
             max_length,
             return_attention,
             length_penalty,
             suppress_unk,
             no_repeat_ngram_size,
+            grounding=grounding,
+            grounding_strength=grounding_strength,
+            concept_logits=logits,
         )
 
     def caption_features(
@@ -164,8 +216,15 @@ class Captioner:
         length_penalty: float | None = None,
         suppress_unk: bool | None = None,
         no_repeat_ngram_size: int | None = None,
+        *,
+        grounding: bool = True,
+        grounding_strength: float | None = None,
+        concept_logits: np.ndarray | None = None,
     ) -> list[CaptionResult]:
-        """Decode precomputed encoder grids (B, P, C), e.g. from the feature cache."""
+        """Decode precomputed encoder grids (B, P, C), e.g. from the feature cache.
+
+        ``concept_logits`` (B, 1000): the encoder head's logits when the caller has them
+        (otherwise the head is run on the grids)."""
         from captioner.decoding import beam_search, greedy_decode
 
         g = self.generation_settings(
@@ -187,8 +246,13 @@ class Captioner:
             raise ConfigError(
                 f"no_repeat_ngram_size must be between 0 (off) and 10, got {no_repeat_ngram_size}"
             )
+        if grounding_strength is not None and not 0 <= grounding_strength <= 10:
+            raise ConfigError(
+                f"grounding_strength must be between 0 and 10, got {grounding_strength}"
+            )
         if len(features) == 0:
             return []
+        described, word_bias = self._ground(features, concept_logits, grounding, grounding_strength)
         ids = dict(
             start_id=self.vocab.start_id,
             end_id=self.vocab.end_id,
@@ -207,6 +271,7 @@ class Captioner:
                     suppress_unk=suppress_unk,
                     length_penalty=length_penalty,
                     no_repeat_ngram_size=no_repeat_ngram_size,
+                    word_bias=word_bias,
                     **ids,
                 )
             else:
@@ -218,20 +283,42 @@ class Captioner:
                     length_penalty=length_penalty,
                     suppress_unk=suppress_unk,
                     no_repeat_ngram_size=no_repeat_ngram_size,
+                    word_bias=word_bias,
                     **ids,
                 )
         side = self.grid_size
         results = []
-        for d in decoded:
-            tokens = [self.vocab.itos[i] for i in d.token_ids]
+        for i, d in enumerate(decoded):
+            tokens = [self.vocab.itos[t] for t in d.token_ids]
             attention = d.alphas.reshape(len(tokens), side, side) if return_attention else None
-            results.append(
-                CaptionResult(
-                    " ".join(tokens),
-                    tokens,
-                    float(d.score),
-                    attention,
-                    [(self.vocab.decode(alt), float(s)) for alt, s in d.alternatives],
-                )
+            result = CaptionResult(
+                " ".join(tokens),
+                tokens,
+                float(d.score),
+                attention,
+                [(self.vocab.decode(alt), float(s)) for alt, s in d.alternatives],
             )
+            if described is not None:
+                g = described[i]
+                result.concepts, result.in_domain = g.concepts, g.in_domain
+                result.out_of_domain = g.out_of_domain
+            results.append(result)
         return results
+
+    def _ground(
+        self,
+        features: torch.Tensor,
+        logits: np.ndarray | None,
+        enabled: bool,
+        strength: float | None,
+    ):
+        """(per-image ImageGrounding list, (B, V) word bias or None) for a batch of grids."""
+        if self.grounder is None:
+            return None, None
+        if logits is None:
+            logits = self.concept_logits(features)
+        grid = features.float().numpy()
+        described, scores = self.grounder.describe(grid, logits)
+        if not enabled or strength == 0:
+            return described, None
+        return described, self.grounder.word_bias(logits, scores, strength)

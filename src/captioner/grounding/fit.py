@@ -1,0 +1,135 @@
+"""Fit a model's grounding from a prepared work directory's cached features (minutes, CPU).
+
+Everything is learnt on the training split and chosen on the dev split: the class-to-word
+table and its smoothing, which words get a bias, the domain scorer (fitted on training photos,
+calibrated on dev photos). Only view 0 (the unaugmented photos) is used: grounding describes
+photos as users send them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from captioner.data.prepare import PreparedData
+from captioner.data.vocab import Vocabulary, tokenize
+from captioner.errors import DataError
+from captioner.features.concepts import ImageNetConcepts
+from captioner.features.encoders import concept_head
+from captioner.grounding.domain import DomainScorer
+from captioner.grounding.grounder import Grounder, GroundingConfig
+from captioner.grounding.word_model import ConceptWordTable, roc_auc
+
+TEMPERATURES = (1.0, 2.0, 4.0)
+PRIORS = (0.5, 2.0, 8.0)
+MIN_TRAIN_IMAGES = 10  # a learnt word needs this many training photos that use it
+
+
+@dataclass
+class SplitInputs:
+    names: list[str]
+    pooled: np.ndarray  # (N, C) unit-length mean of each grid
+    logits: np.ndarray  # (N, 1000) the encoder head's logits
+
+
+def split_inputs(prepared: PreparedData, encoder: str) -> dict[str, SplitInputs]:
+    """Pooled features and concept logits of the train and dev photos, from the view-0 cache."""
+    from captioner.features.cache import load_cache
+    from captioner.features.pipeline import ensure_features
+
+    dirs = ensure_features(prepared, encoder, progress=True)  # resumes or builds view 0
+    names, grids = load_cache(dirs[0])  # (N, P, C) fp16
+    head = concept_head(encoder)
+    means = []
+    with torch.inference_mode():
+        for i in range(0, len(names), 512):
+            means.append(grids[i : i + 512].float().mean(dim=1))  # (b, C)
+        mean = torch.cat(means)  # (N, C)
+        logits = head(mean).numpy()  # (N, 1000)
+    mean = mean.numpy()
+    unit = mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-8)
+    index = {n: i for i, n in enumerate(names)}
+    out = {}
+    for split in ("train", "val"):
+        wanted = list(prepared.splits[split])
+        missing = [n for n in wanted if n not in index]
+        if missing or not wanted:
+            raise DataError(f"the {split} split has no cached features for {missing[:3]}")
+        rows = np.array([index[n] for n in wanted])
+        out[split] = SplitInputs(wanted, unit[rows], logits[rows])
+    return out
+
+
+def word_targets(names: list[str], captions: dict[str, list[str]], vocab: Vocabulary) -> np.ndarray:
+    """(N, V) share of each photo's reference captions that use each vocabulary word."""
+    targets = np.zeros((len(names), len(vocab)), dtype=np.float32)
+    for row, name in enumerate(names):
+        refs = captions[name]
+        for caption in refs:
+            ids = {vocab.stoi[w] for w in tokenize(caption) if w in vocab}
+            targets[row, list(ids)] += 1.0 / len(refs)
+    targets[:, :4] = 0.0  # special tokens are never evidence
+    return targets
+
+
+def fit_grounding(
+    vocab: Vocabulary,
+    prepared: PreparedData,
+    encoder: str,
+    config: GroundingConfig | None = None,
+    log=print,
+) -> tuple[Grounder, dict]:
+    """The grounding of a model with this vocabulary and encoder, and a report of the choices."""
+    config = config or GroundingConfig()
+    inputs = split_inputs(prepared, encoder)
+    train, dev = inputs["train"], inputs["val"]
+    y_train = word_targets(train.names, prepared.captions, vocab)  # (N, V)
+    y_dev = word_targets(dev.names, prepared.captions, vocab)
+    frequent = (y_train > 0).sum(axis=0) >= MIN_TRAIN_IMAGES  # (V,)
+    frequent[:4] = False
+    candidates = np.flatnonzero(frequent)
+
+    best = None  # smoothing chosen by the mean dev ROC AUC over the frequent words
+    for temperature in TEMPERATURES:
+        for prior in PRIORS:
+            table = ConceptWordTable.fit(train.logits, y_train[:, candidates], temperature, prior)
+            auc = roc_auc(table.predict(dev.logits), y_dev[:, candidates] > 0)
+            mean_auc = float(np.nanmean(auc))
+            log(f"grounding: temperature {temperature}, prior {prior}: dev mean AUC {mean_auc:.4f}")
+            if best is None or mean_auc > best[0]:
+                best = (mean_auc, temperature, prior, auc)
+    mean_auc, temperature, prior, auc = best
+
+    concepts = ImageNetConcepts.load()
+    lexicon_all = concepts.lexicon(vocab.itos)  # (1000, V)
+    lexicon_all[:, :4] = 0.0
+    named = lexicon_all.sum(axis=0) > 0  # (V,) words that name some ImageNet class
+    learnt = np.zeros(len(vocab), dtype=bool)
+    learnt[candidates[np.nan_to_num(auc) >= config.min_auc]] = True
+    word_ids = np.flatnonzero(learnt | named)
+    table = ConceptWordTable.fit(train.logits, y_train[:, word_ids], temperature, prior)
+    domain = DomainScorer.fit(train.pooled, dev.pooled, threshold=config.threshold)
+    config = replace(
+        config,
+        temperature=temperature,
+        prior=prior,
+        residual_variance=domain.residual_variance,
+    )
+    lexicon = lexicon_all[:, word_ids]
+    grounder = Grounder(
+        config, word_ids, table, lexicon, np.zeros(len(word_ids)), domain, len(vocab), concepts
+    )
+    grounder.base_rate = grounder.evidence(train.logits, np.ones(len(train.names)), False).mean(0)
+    report = {
+        "temperature": temperature,
+        "prior": prior,
+        "dev_mean_auc": round(mean_auc, 4),
+        "biased_words": len(word_ids),
+        "learnt_words": int(learnt.sum()),
+        "lexicon_words": int(named.sum()),
+        "train_images": len(train.names),
+        "dev_images": len(dev.names),
+    }
+    return grounder, report

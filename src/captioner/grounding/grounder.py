@@ -1,0 +1,209 @@
+"""Grounded decoding: a per-image word prior from the encoder's ImageNet concepts.
+
+What it does, for every image, from the same encoder pass that feeds the decoder:
+
+1. **Concepts.** The encoder's ImageNet head gives 1000 class probabilities; WordNet turns them
+   into everyday words with probabilities (``cat 0.95``), shown beside every caption.
+2. **In-domain score.** :class:`~captioner.grounding.domain.DomainScorer`: the share of held-out
+   Flickr8k photos at least as unusual as this one. Below ``threshold`` the photo is called out
+   of domain and the caption flagged as possibly wrong.
+3. **Evidence per caption word.** Two sources, mixed by how much the photo looks like the
+   training photos (``trust`` = in-domain score / ``trust_scale``, clipped to [0, 1]):
+   - learnt: :class:`~captioner.grounding.word_model.ConceptWordTable`, how often Flickr8k
+     captions of photos with these concepts use the word (Yao et al. 2017's attributes);
+   - lexical: the probability of the classes the word names in WordNet ("cat" for the three
+     cat classes, "animal" for all animals), which holds on any photo.
+   ``evidence = trust * noisy_or(learnt, lexical) + (1 - trust) * lexical``: in domain, trust
+   what Flickr8k taught; out of domain, trust only what the ImageNet head names, so a cat photo
+   gets no "dog" and no "man" evidence, whatever the decoder's Flickr8k prior says.
+4. **Word bias.** ``strength * log((evidence + eps) / (base_rate + eps))``, clipped, added to the
+   decoder's logits at every step (a product of experts; see :mod:`captioner.decoding.greedy`):
+   words the concepts support more than on an average training photo are favoured, words they
+   contradict (the CHAIR metric's "hallucinated objects", Rohrbach et al. 2018) disfavoured.
+   ``strength`` is ``trust * strength + (1 - trust) * ood_strength``: in domain it is the dev
+   split's choice; out of domain the concepts' evidence has to outweigh the decoder's prior.
+   Only the words whose learnt evidence ranks dev photos well (ROC AUC >= ``min_auc``) or that
+   name some ImageNet class are biased; function words never are.
+
+Nothing here is specific to one model: :func:`captioner.grounding.fit.fit_grounding` builds it
+for any model's vocabulary from the training split's cached features, and picks ``strength``
+on the dev split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+
+from captioner.errors import CheckpointError
+from captioner.features.concepts import ImageNetConcepts
+from captioner.grounding.domain import DomainScorer, pooled
+from captioner.grounding.word_model import ConceptWordTable, softmax
+from captioner.io import atomic_path, atomic_write_json, read_json
+
+GROUNDING_WEIGHTS = "grounding.safetensors"
+GROUNDING_CONFIG = "grounding.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class GroundingConfig:
+    strength: float = 0.5  # weight of the log evidence ratio in domain (chosen on dev)
+    # ... and out of domain (trust 0), where the decoder's Flickr8k prior says nothing about
+    # which objects are there and the concepts must win over it; mixed by trust in between
+    ood_strength: float = 5.0
+    temperature: float = 2.0  # of the class softmax feeding the learnt table
+    prior: float = 2.0  # pseudo-photos shrinking the table to each word's base rate
+    epsilon: float = 0.01  # floor of both evidences in the log ratio
+    max_bias: float = 5.0  # |bias| cap per word, in nats
+    trust_scale: float = 0.05  # in-domain score at which the learnt evidence is fully trusted
+    min_auc: float = 0.75  # learnt words kept when they rank dev photos at least this well
+    threshold: float = 0.01  # in-domain score below which a photo is out of domain
+    residual_variance: float = 1.0  # of the domain scorer (a fitted value, saved here)
+    top_k: int = 5  # concepts listed per image
+    min_prob: float = 0.05  # concepts listed only from this probability
+
+    @classmethod
+    def from_json(cls, data: dict) -> GroundingConfig:
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        config = cls(**{k: type(getattr(cls, k))(v) for k, v in known.items()})
+        if config.strength < 0 or config.ood_strength < 0 or config.temperature <= 0 or config.epsilon <= 0:
+            raise ValueError("strength must be >= 0, temperature and epsilon > 0")
+        return config
+
+
+@dataclass
+class ImageGrounding:
+    """What the concepts say about one image."""
+
+    concepts: list[tuple[str, float]]  # everyday words, best first: [("cat", 0.95), ...]
+    in_domain: float  # share of held-out training-like photos at least as unusual, 0..1
+    out_of_domain: bool  # in_domain below the model's threshold: the caption may be wrong
+
+
+class Grounder:
+    """Concepts, in-domain score and decoding bias for one caption model's vocabulary."""
+
+    def __init__(
+        self,
+        config: GroundingConfig,
+        word_ids: np.ndarray,
+        table: ConceptWordTable,
+        lexicon: np.ndarray,
+        base_rate: np.ndarray,
+        domain: DomainScorer,
+        vocab_size: int,
+        concepts: ImageNetConcepts | None = None,
+    ):
+        self.config = config
+        self.word_ids = np.asarray(word_ids, dtype=np.int64)  # (W,) vocabulary ids biased
+        self.table = table  # (1000, W)
+        self.lexicon = np.asarray(lexicon, dtype=np.float32)  # (1000, W) 0/1
+        self.base_rate = np.asarray(base_rate, dtype=np.float32)  # (W,) mean training evidence
+        self.domain = domain
+        self.vocab_size = int(vocab_size)
+        self.concepts = concepts or ImageNetConcepts.load()
+        W = len(self.word_ids)
+        if self.table.table.shape != (1000, W) or self.lexicon.shape != (1000, W):
+            raise CheckpointError(f"grounding tables do not match its {W} words")
+
+    def evidence(
+        self, logits: np.ndarray, in_domain: np.ndarray, trusting: bool = True
+    ) -> np.ndarray:
+        """logits (B, 1000), in-domain scores (B,) -> evidence (B, W) in [0, 1]."""
+        learnt = self.table.predict(logits)  # (B, W)
+        lexical = np.minimum(softmax(logits) @ self.lexicon, 1.0)  # (B, W)
+        combined = 1.0 - (1.0 - learnt) * (1.0 - lexical)  # noisy-or
+        if not trusting:
+            return combined
+        trust = np.clip(np.asarray(in_domain) / self.config.trust_scale, 0.0, 1.0)[:, None]
+        return trust * combined + (1.0 - trust) * lexical  # (B, W)
+
+    def word_bias(
+        self, logits: np.ndarray, in_domain: np.ndarray, strength: float | None = None
+    ) -> torch.Tensor:
+        """(B, 1000) logits, (B,) in-domain scores -> (B, V) float32 logit bias."""
+        c = self.config
+        e = self.evidence(logits, in_domain)  # (B, W)
+        ratio = np.log((e + c.epsilon) / (self.base_rate + c.epsilon))  # (B, W)
+        if strength is None:  # per image: the dev choice in domain, ood_strength outside
+            trust = np.clip(np.asarray(in_domain) / c.trust_scale, 0.0, 1.0)  # (B,)
+            weight = (trust * c.strength + (1.0 - trust) * c.ood_strength)[:, None]  # (B, 1)
+        else:
+            weight = np.full((len(e), 1), float(strength), dtype=np.float32)
+        bias = np.zeros((len(e), self.vocab_size), dtype=np.float32)  # (B, V)
+        bias[:, self.word_ids] = weight * np.clip(ratio, -c.max_bias, c.max_bias)
+        return torch.from_numpy(bias)
+
+    def describe(
+        self, grid: np.ndarray, logits: np.ndarray
+    ) -> tuple[list[ImageGrounding], np.ndarray]:
+        """grid (B, P, C), logits (B, 1000) -> one ImageGrounding per image, in-domain (B,)."""
+        scores = self.domain.score(pooled(grid))  # (B,)
+        top = self.concepts.top(softmax(logits), self.config.top_k, self.config.min_prob)
+        out = [
+            ImageGrounding(t, float(s), bool(s < self.config.threshold))
+            for t, s in zip(top, scores, strict=True)
+        ]
+        return out, scores
+
+    # -- save / load: safetensors + JSON beside the model's own files ---------------------
+
+    def save_pretrained(self, path: str | Path, extra: dict | None = None) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            "word_ids": self.word_ids,
+            "table": self.table.table.astype(np.float16),
+            "lexicon": self.lexicon.astype(np.uint8),
+            "base_rate": self.base_rate,
+            **self.domain.tensors(),
+        }
+        with atomic_path(path / GROUNDING_WEIGHTS) as tmp:
+            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
+        config = asdict(self.config)
+        config["temperature"] = self.table.temperature
+        config["residual_variance"] = self.domain.residual_variance
+        config["threshold"] = self.domain.threshold
+        atomic_write_json(
+            path / GROUNDING_CONFIG,
+            {
+                "format_version": FORMAT_VERSION,
+                "vocab_size": self.vocab_size,
+                "config": config,
+                **({"extra": extra} if extra else {}),
+            },
+        )
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> Grounder | None:
+        """The grounding saved in a model directory, or None when it has none."""
+        path = Path(path)
+        if not (path / GROUNDING_CONFIG).is_file():
+            return None
+        try:
+            meta = read_json(path / GROUNDING_CONFIG)
+            if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+                raise ValueError("unsupported format_version")
+            config = GroundingConfig.from_json(meta["config"])
+            vocab_size = int(meta["vocab_size"])
+            t = load_file(str(path / GROUNDING_WEIGHTS))
+            domain = DomainScorer.from_tensors(t, config.residual_variance, config.threshold)
+            return cls(
+                config,
+                t["word_ids"],
+                ConceptWordTable(t["table"].astype(np.float32), config.temperature),
+                t["lexicon"].astype(np.float32),
+                t["base_rate"],
+                domain,
+                vocab_size,
+            )
+        except CheckpointError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any damage is one clear error
+            raise CheckpointError(f"{path}: unreadable grounding files ({exc})") from exc
