@@ -105,6 +105,27 @@ def test_healthz(client):
     assert body["status"] == "ok" and body["model_loaded"] is True
     assert isinstance(body["version"], str) and body["version"]
     assert body["max_upload_bytes"] == 10 * 1024 * 1024
+    assert (body["queue_depth"], body["max_queue"], body["uploads_in_progress"]) == (0, 64, 0)
+
+
+def test_healthz_is_503_busy_while_the_queue_is_full():
+    """A load balancer's readiness check: non-200 while a caption request would get 503."""
+    c, fake = held_client(max_queue=2, max_batch_size=4, batch_window_ms=1)
+    with c, ThreadPoolExecutor(3) as pool:
+        first = pool.submit(c.post, URL, files=files(encode()))
+        assert fake.started.wait(5)  # running, so no longer counted as waiting
+        waiting = [pool.submit(c.post, URL, files=files(encode("blue"))) for _ in range(2)]
+        wait_for(lambda: stats(c).waiting == 2)
+        r = c.get("/healthz")
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        body = r.json()
+        assert body["status"] == "busy" and body["model_loaded"] is True
+        assert (body["queue_depth"], body["max_queue"]) == (2, 2)
+        fake.gate.set()
+        assert all(f.result(timeout=10).status_code == 200 for f in [first, *waiting])
+        r = c.get("/healthz")
+        assert r.status_code == 200 and r.json()["status"] == "ok"
+        assert r.json()["queue_depth"] == 0
 
 
 def test_page_and_static_assets(client):
@@ -128,12 +149,16 @@ def test_openapi_documents_the_upload(client):
     assert params["beam_size"]["minimum"] == 1 and params["beam_size"]["maximum"] == 10
     assert params["max_length"]["maximum"] == 50
     assert "/healthz" in spec["paths"]
+    assert "503" in spec["paths"]["/healthz"]["get"]["responses"]
+    assert "408" in op["responses"] and "413" in op["responses"]
     assert client.get("/docs").status_code == 200
 
 
 def test_not_loaded_before_startup():
     c, _ = make_client()  # no `with`: lifespan has not run
-    assert c.get("/healthz").json()["model_loaded"] is False
+    health = c.get("/healthz")
+    assert health.status_code == 503 and health.json()["status"] == "starting"
+    assert health.json()["model_loaded"] is False
     r = c.post(URL, files=files(encode()))
     assert r.status_code == 503 and "not loaded" in r.json()["detail"]
 

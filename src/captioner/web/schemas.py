@@ -1,7 +1,15 @@
-"""Pydantic models for the JSON the web service returns (and documents in OpenAPI)."""
+"""The JSON the web service returns (and documents in OpenAPI), and how a result becomes it.
+
+The caption response lives here and only here: a new field is one field on
+:class:`CaptionResponse` plus one line in :func:`to_response`.
+"""
 
 from __future__ import annotations
 
+import math
+from typing import Any, Literal
+
+import numpy as np
 from pydantic import BaseModel, Field
 
 
@@ -28,11 +36,69 @@ class CaptionResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: str = Field(description='"ok" when the model is loaded, otherwise "starting".')
+    status: Literal["ok", "starting", "busy"] = Field(
+        description=(
+            '"ok" (HTTP 200): ready for a caption request. "starting" (HTTP 503): the model is '
+            'still loading. "busy" (HTTP 503): the queue is full, a caption request now would '
+            "get 503 too."
+        )
+    )
     model_loaded: bool
     version: str
     max_upload_bytes: int = Field(description="Largest upload the server accepts, in bytes.")
+    queue_depth: int = Field(
+        default=0, description="Decoded requests waiting for the model (at most max_queue)."
+    )
+    max_queue: int = Field(default=0, description="Queue size beyond which requests get 503.")
+    uploads_in_progress: int = Field(
+        default=0, description="Requests whose body is being received or decoded."
+    )
 
 
 class ErrorResponse(BaseModel):
     detail: str = Field(description="What went wrong, in words meant for a person.")
+
+
+# --------------------------------------------------------------------------- conversion
+def _finite(x: Any) -> float | None:
+    try:
+        value = float(x)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def attention_grid(attention: Any, n_tokens: int) -> Attention | None:
+    """(T, g, g) or (T, g*g) weights -> the JSON shape; None when absent or malformed."""
+    if attention is None:
+        return None
+    array = np.asarray(attention, dtype=np.float32)
+    if array.ndim == 2:
+        side = math.isqrt(array.shape[1])
+        if side * side != array.shape[1]:
+            return None
+        array = array.reshape(array.shape[0], side, side)  # (T, g, g)
+    if array.ndim != 3 or array.shape[1] != array.shape[2]:
+        return None
+    array = np.nan_to_num(array[:n_tokens], nan=0.0, posinf=0.0, neginf=0.0)
+    grid = np.round(array.astype(np.float64), 5).tolist()
+    return Attention(grid=grid, shape=list(array.shape))
+
+
+def to_response(result: Any, attention: bool) -> CaptionResponse:
+    """A CaptionResult (or anything shaped like one) -> the JSON body, with finite scores."""
+    tokens = [str(t) for t in (getattr(result, "tokens", None) or [])]
+    caption = str(getattr(result, "caption", "") or " ".join(tokens))
+    alternatives = [
+        Alternative(caption=str(c), score=_finite(s))
+        for c, s in (getattr(result, "alternatives", None) or [])
+    ]
+    return CaptionResponse(
+        caption=caption,
+        score=_finite(getattr(result, "score", None)),
+        alternatives=alternatives,
+        tokens=tokens,
+        attention=attention_grid(getattr(result, "attention", None), len(tokens))
+        if attention
+        else None,
+    )
