@@ -644,3 +644,56 @@ def test_serve_raises_the_model_loading_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "captioner.api", types.SimpleNamespace(Captioner=Captioner))
     with pytest.raises(CheckpointError, match="no saved model at /missing"):
         serve("/missing", port=0, log_level="critical")
+
+
+@pytest.fixture
+def busy_port():
+    """A port on 127.0.0.1 that another server is listening on."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+def test_serve_on_a_busy_port_fails_before_loading_the_model(monkeypatch, busy_port):
+    from captioner.cli.serve import serve
+    from captioner.errors import ConfigError
+
+    loaded = []
+
+    class Captioner:
+        @classmethod
+        def from_pretrained(cls, path=None, backend="auto"):
+            loaded.append(path)
+            return FakeCaptioner()
+
+    monkeypatch.setitem(sys.modules, "captioner.api", types.SimpleNamespace(Captioner=Captioner))
+    with pytest.raises(ConfigError, match=f"127.0.0.1:{busy_port}: the port is already in use"):
+        serve(port=busy_port, log_level="critical")
+    assert loaded == []
+
+
+def test_serve_command_on_a_busy_port_is_one_clear_line(monkeypatch, busy_port):
+    import typer
+    from typer.testing import CliRunner
+
+    from captioner.cli.serve import register
+
+    def never_load(*args, **kwargs):
+        raise AssertionError("the model must not be loaded when the port is busy")
+
+    api = types.SimpleNamespace(Captioner=types.SimpleNamespace(from_pretrained=never_load))
+    monkeypatch.setitem(sys.modules, "captioner.api", api)
+    app = typer.Typer(pretty_exceptions_enable=False)
+    register(app)
+
+    @app.command()
+    def other() -> None:
+        pass
+
+    result = CliRunner().invoke(app, ["serve", "--port", str(busy_port)])
+    assert result.exit_code == 2, result.output
+    assert "already in use" in result.output and "--port" in result.output
+    assert "Traceback" not in result.output and result.exception.__class__ is SystemExit

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
+import socket
 
 import typer
+
+from captioner.cli.common import friendly_errors
+from captioner.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -22,13 +27,15 @@ def serve(
     decode_threads: int = 2,
     backend: str = "auto",
     log_level: str = "info",
+    upload_timeout_s: float = 60,
 ) -> None:
     """Load the model (in the app's startup) and serve until interrupted.
 
     ``model`` is a saved model directory (None: the bundled default). ``workers`` is the number
     of inference threads (batches that may run at once); ``max_batch_size=1`` turns
-    micro-batching off. Raises the model's loading error (a CaptionerError such as
-    CheckpointError) if startup fails, so the CLI can map it to an exit code.
+    micro-batching off. The port is taken before the model loads, so a busy port fails at once
+    (ConfigError). Raises the model's loading error (a CaptionerError such as CheckpointError)
+    if startup fails, so the CLI can map it to an exit code.
     """
     import uvicorn
 
@@ -41,7 +48,9 @@ def serve(
         max_queue=max_queue,
         workers=workers,
         decode_threads=decode_threads,
+        upload_timeout_s=upload_timeout_s,
     )
+    check_port(host, port)  # before loading the model: a busy port is an error at once
 
     def load_model():
         from captioner.api import Captioner
@@ -77,6 +86,35 @@ def serve(
         raise RuntimeError(f"the server did not start on {host}:{port} (see the log above)")
 
 
+def check_port(host: str, port: int) -> None:
+    """Raise ConfigError when uvicorn could not listen on host:port (in use, no such address).
+
+    A trial bind with SO_REUSEADDR, as uvicorn binds: a port held by a listening server fails,
+    one in TIME_WAIT does not. The port is released again at once, for uvicorn to take.
+    """
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(
+            f"cannot listen on {host}:{port}: unknown host ({exc.strerror})"
+        ) from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            why = "the port is already in use (another server?); stop it or pick another --port"
+        else:
+            why = exc.strerror or str(exc)
+        raise ConfigError(f"cannot listen on {host}:{port}: {why}") from None
+    sock.close()
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -96,6 +134,7 @@ def register(app: typer.Typer) -> None:
             "OpenAPI docs at /docs). Listens on 127.0.0.1 unless --host says otherwise."
         ),
     )
+    @friendly_errors
     def serve_command(
         model: str = typer.Option(
             None,
@@ -131,6 +170,9 @@ def register(app: typer.Typer) -> None:
         log_level: str = typer.Option(
             "info", help="uvicorn log level (critical, error, warning, info, debug)."
         ),
+        upload_timeout: float = typer.Option(
+            60.0, min=0.1, max=3600, help="Seconds an upload may take to arrive (slower: 408)."
+        ),
     ) -> None:
         serve(
             model=model,
@@ -144,4 +186,5 @@ def register(app: typer.Typer) -> None:
             decode_threads=decode_threads,
             backend=backend,
             log_level=log_level,
+            upload_timeout_s=upload_timeout,
         )
