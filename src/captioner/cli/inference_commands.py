@@ -7,9 +7,6 @@ and formats the result; a CaptionerError becomes one red line and exit code 2.
 
 from __future__ import annotations
 
-import csv
-import glob
-import io
 import json
 import random
 import sys
@@ -21,8 +18,7 @@ from captioner.cli.common import EXIT_USER_ERROR, MODEL_HELP, friendly_errors
 from captioner.cli.export_command import check_parity, export_cmd, export_onnx
 from captioner.settings import BACKENDS, check_choice
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
-FORMATS = ("text", "json", "csv")
+FORMATS = ("text", "json", "csv", "jsonl", "txt")
 PROGRESS_MIN_IMAGES = 8  # show a progress bar from this many images on
 
 WORK_DIR_HELP = "prepared work dir (from `captioner prepare`)"
@@ -34,61 +30,38 @@ def _err(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
 
 
-def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
-    """Files, folders (their images, sorted) and glob patterns -> (image paths, problems).
-
-    A file named explicitly is kept whatever its extension (a non-image is reported when it is
-    read); in folders and globs only the image extensions count. Duplicates are dropped.
-    """
-    paths: list[Path] = []
-    problems: list[str] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(
-                p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-            )
-            if not found:
-                problems.append(f"{item}: no images in this folder ({', '.join(IMAGE_SUFFIXES)})")
-            paths += found
-        elif path.is_file():
-            paths.append(path)
-        elif glob.has_magic(item):
-            found = sorted(
-                Path(p)
-                for p in glob.glob(item, recursive=True)
-                if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_SUFFIXES
-            )
-            if not found:
-                problems.append(f"{item}: no images match this pattern")
-            paths += found
-        else:
-            problems.append(f"{item}: no such file or folder")
-    return list(dict.fromkeys(paths)), problems
+FORMAT_HELP = (
+    "text (path<TAB>caption per line), json (one array, written at the end), csv or jsonl "
+    "(one record per image, appended per chunk and resumed with --output), or txt (a sidecar "
+    "photo.txt beside each photo.jpg, resumed)"
+)
 
 
-def format_rows(rows: list[dict], fmt: str, header: bool = True) -> str:
-    """rows of {"path", "caption", "score"} -> text (path<TAB>caption), JSON or CSV."""
-    if fmt == "json":
-        return json.dumps(rows, indent=2, ensure_ascii=False) + "\n"
-    if fmt == "csv":
-        buffer = io.StringIO()
-        writer = csv.DictWriter(
-            buffer, fieldnames=["path", "caption", "score"], lineterminator="\n"
-        )
-        if header:
-            writer.writeheader()
-        writer.writerows(rows)
-        return buffer.getvalue()
-    return "".join(f"{row['path']}\t{row['caption']}\n" for row in rows)
+def _legacy(record: dict) -> dict:
+    """A bulk record in the text / JSON layout (the image key is called ``path``)."""
+    return {"path": record["image"], **{k: v for k, v in record.items() if k != "image"}}
+
+
+def _choose_sink(fmt: str, output: Path | None, overwrite: bool):
+    """The bulk_writers sink for a format and destination."""
+    from captioner.bulk_writers import AppendFile, Collect, Sidecars, Stream
+
+    if fmt == "txt":
+        return Sidecars(overwrite)
+    if output is not None and fmt in ("jsonl", "csv"):
+        return AppendFile(output, fmt, overwrite)
+    if fmt == "json" or output is not None:
+        return Collect()
+    return Stream(sys.stdout, fmt)
 
 
 @friendly_errors
 def caption_cmd(
-    inputs: list[str] = typer.Argument(
-        ...,
+    inputs: list[str] | None = typer.Argument(
+        None,
         metavar="PATH",
-        help="image files, folders of images, or glob patterns such as 'photos/*.jpg'",
+        help="image files, folders (searched recursively), glob patterns such as "
+        "'photos/**/*.jpg', @list.txt (one path per line) or WebDataset .tar shards",
     ),
     model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     beam_size: int | None = typer.Option(
@@ -96,81 +69,90 @@ def caption_cmd(
     ),
     max_length: int = typer.Option(20, min=1, max=100, help="most words per caption"),
     no_repeat_ngram: int | None = typer.Option(None, min=0, max=10, help=NO_REPEAT_HELP),
-    fmt: str = typer.Option(
-        "text", "--format", "-f", help="text (path<TAB>caption per line), json or csv"
-    ),
+    fmt: str = typer.Option("text", "--format", "-f", help=FORMAT_HELP),
     output: Path | None = typer.Option(
-        None, "--output", "-o", help="write here (atomically) instead of stdout"
+        None,
+        "--output",
+        "-o",
+        help="write here instead of stdout; jsonl and csv are appended chunk by chunk and a "
+        "rerun skips the images already in the file",
     ),
-    batch_size: int = typer.Option(16, min=1, max=256, help="images per model call"),
+    files_from: Path | None = typer.Option(
+        None, "--files-from", help="a file listing image paths, one per line"
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="caption everything again instead of resuming"
+    ),
+    batch_size: int = typer.Option(32, min=1, max=256, help="images per model call"),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
 ) -> None:
-    """Caption images. Unreadable files are reported on stderr and skipped (exit code 1)."""
+    """Caption images, any number of them: decoding overlaps the model and memory stays
+    bounded. Unreadable files are reported on stderr and skipped (exit code 1)."""
     from captioner.api import Captioner
-    from captioner.data.images import load_image
-    from captioner.errors import ImageLoadError
+    from captioner.bulk import caption_bulk, plan
+    from captioner.bulk_writers import AppendFile, Collect
     from captioner.io import atomic_write_text
-    from captioner.progress import progress_bar
 
     if fmt not in FORMATS:
         _err(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
         raise typer.Exit(EXIT_USER_ERROR)
-    check_choice("--backend", backend, BACKENDS)
-    paths, problems = expand_inputs(inputs)
-    for problem in problems:
-        _err(problem)
-    if not paths:
-        _err("no images found")
+    if fmt == "txt" and output is not None:
+        _err("--format txt writes a .txt beside each image: leave out --output")
         raise typer.Exit(EXIT_USER_ERROR)
-    captioner = Captioner.from_pretrained(model, backend=backend)
-
-    stream = output is None and fmt != "json"  # text and CSV go out batch by batch
-    rows: list[dict] = []
-    failed = len(problems)
-    bar = progress_bar(
-        total=len(paths),
-        unit="img",
-        file=sys.stderr,
-        desc="caption",
-        disable=len(paths) < PROGRESS_MIN_IMAGES,
-    )
-    for start in range(0, len(paths), batch_size):
-        batch, arrays = [], []
-        for path in paths[start : start + batch_size]:
-            try:  # one by one: a bad file must not sink its batch
-                arrays.append(load_image(path))
-                batch.append(path)
-            except ImageLoadError as exc:
-                bar.clear()
-                _err(str(exc))
-                failed += 1
-        new_rows = []
-        if arrays:
-            results = captioner.caption(
-                arrays,
+    check_choice("--backend", backend, BACKENDS)
+    if not inputs and files_from is None:
+        _err("nothing to caption: give image paths, folders, globs or --files-from")
+        raise typer.Exit(EXIT_USER_ERROR)
+    sink = _choose_sink(fmt, output, overwrite)
+    try:
+        work = plan(inputs or [], sink, [files_from] if files_from else [])
+        for problem in work.problems:
+            _err(problem)
+        if not work.total:
+            _err("no images found")
+            raise typer.Exit(EXIT_USER_ERROR)
+        if isinstance(sink, AppendFile) and sink.torn:
+            typer.echo(f"{output}: cut off a torn last line (an interrupted run)", err=True)
+        stats = None
+        if work.todo:
+            captioner = Captioner.from_pretrained(model, backend=backend)
+            stats = caption_bulk(
+                captioner,
+                inputs or [],
+                sink,
+                files_from=[files_from] if files_from else [],
+                batch_size=batch_size,
+                total=work.todo,
+                report=_err,
+                progress=work.todo >= PROGRESS_MIN_IMAGES,
                 beam_size=beam_size,
                 max_length=max_length,
                 no_repeat_ngram_size=no_repeat_ngram,
-                return_attention=False,
             )
-            new_rows = [
-                {"path": str(p), "caption": r.caption, "score": round(r.score, 4)}
-                for p, r in zip(batch, results, strict=True)
-            ]
-        if stream and new_rows:
-            bar.clear()
-            typer.echo(format_rows(new_rows, fmt, header=not rows), nl=False)
-        rows += new_rows
-        bar.update(len(paths[start : start + batch_size]))
-    bar.close()
-    if output is not None:
-        atomic_write_text(output, format_rows(rows, fmt))
-        typer.echo(f"wrote {len(rows)} captions to {output}", err=True)
-    elif not stream:
-        typer.echo(format_rows(rows, fmt), nl=False)
+    finally:
+        sink.close()
+    captioned = stats.captioned if stats else 0
+    if isinstance(sink, Collect):
+        rows = [_legacy(r) for r in sink.records]
+        if fmt == "json":
+            text = json.dumps(rows, indent=2, ensure_ascii=False) + "\n"
+        else:
+            text = "".join(f"{r['path']}\t{r['caption']}\n" for r in rows)
+        if output is None:
+            typer.echo(text, nl=False)
+        else:
+            atomic_write_text(output, text)
+    skipped = work.total - work.todo
+    if output is not None or fmt == "txt":
+        where = "sidecar .txt files" if fmt == "txt" else str(output)
+        done = f", {skipped} already there" if skipped else ""
+        typer.echo(f"wrote {captioned} captions to {where}{done}", err=True)
+    if stats and stats.captioned and stats.seconds >= 1:
+        typer.echo(f"{stats.rate:.1f} images/s ({stats.seconds:.0f} s)", err=True)
+    failed = len(work.problems) + (stats.failed if stats else 0)
     if failed:
         typer.secho(
-            f"{failed} input(s) failed, {len(rows)} captioned", fg=typer.colors.YELLOW, err=True
+            f"{failed} input(s) failed, {captioned} captioned", fg=typer.colors.YELLOW, err=True
         )
         raise typer.Exit(1)
 

@@ -1,0 +1,222 @@
+"""Bulk captioning: stream any number of images through ``Captioner.caption`` in chunks.
+
+A background thread walks the inputs, skips the images the sink already has (resume) and
+decodes the rest into a bounded queue, so JPEG decoding overlaps the model and at most
+``prefetch`` decoded images wait in memory. The main thread captions one chunk per model
+call and hands it to the sink (bulk_writers), which makes it durable before the next.
+Unreadable images are reported and counted, never stopping the run.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from captioner.bulk_inputs import Source, iter_sources, unique
+from captioner.bulk_writers import Sink
+from captioner.data.images import load_image
+from captioner.errors import CaptionerError, ConfigError, ImageLoadError
+from captioner.progress import progress_bar
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from captioner.api import Captioner, CaptionResult
+
+_END = object()  # the producer's last queue item
+
+
+@dataclass
+class Plan:
+    """What a run will do, from a counting pass over the inputs (no image is decoded)."""
+
+    total: int  # distinct images found
+    todo: int  # of which the sink does not have yet
+    problems: list[str]  # inputs that found nothing
+
+
+@dataclass
+class BulkStats:
+    captioned: int = 0
+    skipped: int = 0  # already in the output (resume)
+    failed: int = 0  # unreadable images
+    seconds: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.captioned / self.seconds if self.seconds > 0 else 0.0
+
+
+def plan(inputs: Sequence[str], sink: Sink, files_from: Sequence[Path] = ()) -> Plan:
+    """Count the inputs and what is left to do (for the progress bar and a clear error when
+    nothing is found), reading names and tar headers only."""
+    problems: list[str] = []
+    total = todo = 0
+    for source in unique(
+        iter_sources(inputs, files_from, with_data=False, problem=problems.append)
+    ):
+        total += 1
+        todo += not sink.is_done(source)
+    return Plan(total, todo, problems)
+
+
+@dataclass
+class _Decoded:
+    source: Source
+    image: np.ndarray | None = None
+    error: str | None = None
+
+
+def _produce(
+    sources: Iterator[Source], sink: Sink, out: queue.Queue, stop: threading.Event
+) -> None:
+    """Producer thread: decode every source the sink lacks into ``out``, then ``_END``; an
+    unexpected exception is passed on to the consumer instead."""
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        for source in sources:
+            if stop.is_set():
+                return
+            if sink.is_done(source):
+                if not put(_Decoded(source, error=None, image=None)):
+                    return
+                continue
+            try:
+                item = _Decoded(source, image=load_image(source.load(), name=source.key))
+            except ImageLoadError as exc:
+                item = _Decoded(source, error=str(exc))
+            if not put(item):
+                return
+        put(_END)
+    except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+        put(exc)
+
+
+def decoded_stream(
+    inputs: Sequence[str],
+    sink: Sink,
+    files_from: Sequence[Path] = (),
+    prefetch: int = 64,
+) -> Iterator[_Decoded]:
+    """Decoded inputs in input order, from a background thread through a queue of at most
+    ``prefetch`` items. Already-done images come through with neither image nor error."""
+    if prefetch < 1:
+        raise ConfigError(f"prefetch must be at least 1, got {prefetch}")
+    out: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+    sources = unique(iter_sources(inputs, files_from, with_data=True))
+    worker = threading.Thread(
+        target=_produce, args=(sources, sink, out, stop), name="bulk-decode", daemon=True
+    )
+    worker.start()
+    try:
+        while True:
+            item = out.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        worker.join(timeout=5)
+
+
+def caption_chunk(
+    captioner: Captioner, images: list[np.ndarray], **settings: Any
+) -> list[CaptionResult | str]:
+    """One model call for a chunk; if the chunk fails on an image, caption one by one so only
+    that image is lost (its entry is then the error message)."""
+    try:
+        return list(captioner.caption(images, return_attention=False, **settings))
+    except ConfigError:
+        raise
+    except CaptionerError:
+        results: list[CaptionResult | str] = []
+        for image in images:
+            try:
+                results += captioner.caption([image], return_attention=False, **settings)
+            except ConfigError:
+                raise
+            except CaptionerError as exc:
+                results.append(str(exc))
+        return results
+
+
+def caption_bulk(
+    captioner: Captioner,
+    inputs: Sequence[str],
+    sink: Sink,
+    *,
+    files_from: Sequence[Path] = (),
+    batch_size: int = 32,
+    prefetch: int | None = None,
+    total: int | None = None,
+    report: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
+    progress: bool = True,
+    **settings: Any,
+) -> BulkStats:
+    """Caption every input the sink lacks, ``batch_size`` images per model call, writing each
+    chunk before the next; ``settings`` go to ``Captioner.caption`` (beam_size, ...).
+    ``total``: images to do, for the progress bar's ETA (from ``plan``)."""
+    if not 1 <= batch_size <= 1024:
+        raise ConfigError(f"batch_size must be between 1 and 1024, got {batch_size}")
+    stats = BulkStats()
+    started = time.perf_counter()
+    bar = progress_bar(total=total, unit="img", desc="caption", disable=not progress)
+
+    def problem(message: str) -> None:
+        bar.clear()
+        report(message)
+
+    def flush(chunk: list[_Decoded]) -> None:
+        if not chunk:
+            return
+        results = caption_chunk(captioner, [d.image for d in chunk], **settings)
+        done = []
+        for decoded, result in zip(chunk, results, strict=True):
+            if isinstance(result, str):
+                problem(result)
+                stats.failed += 1
+            else:
+                done.append((decoded.source, result))
+        if done:
+            bar.clear()
+            sink.write(done)
+        stats.captioned += len(done)
+        bar.update(len(chunk))
+
+    chunk: list[_Decoded] = []
+    try:
+        for item in decoded_stream(inputs, sink, files_from, prefetch or 2 * batch_size):
+            if item.error is not None:
+                problem(item.error)
+                stats.failed += 1
+                bar.update(1)
+            elif item.image is None:
+                stats.skipped += 1
+            else:
+                chunk.append(item)
+                if len(chunk) == batch_size:
+                    flush(chunk)
+                    chunk = []
+        flush(chunk)
+    finally:
+        bar.close()
+        stats.seconds = time.perf_counter() - started
+    return stats
