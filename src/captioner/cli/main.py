@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from captioner import __version__
-from captioner.cli import data_commands, inference_commands, serve, train_command
+from captioner.cli import data_commands, ground_command, inference_commands, serve, train_command
 from captioner.cli.common import CaptionerGroup
 
 app = typer.Typer(
@@ -44,6 +44,7 @@ app.add_typer(data_commands.preview_app, name="preview")
 app.command("train")(train_command.train_cmd)
 app.command("scst")(train_command.scst_cmd)
 app.command("average")(train_command.average_cmd)
+app.command("ground")(ground_command.ground_cmd)
 serve.register(app)
 inference_commands.register(app)
 

@@ -18,7 +18,7 @@ from captioner.data.vocab import Vocabulary, tokenize
 from captioner.errors import DataError
 from captioner.features.concepts import ImageNetConcepts
 from captioner.features.encoders import concept_head
-from captioner.grounding.domain import DomainScorer
+from captioner.grounding.domain import DEFAULT_COMPONENTS, DomainScorer
 from captioner.grounding.grounder import Grounder, GroundingConfig
 from captioner.grounding.word_model import ConceptWordTable, roc_auc
 
@@ -110,7 +110,8 @@ def fit_grounding(
     learnt[candidates[np.nan_to_num(auc) >= config.min_auc]] = True
     word_ids = np.flatnonzero(learnt | named)
     table = ConceptWordTable.fit(train.logits, y_train[:, word_ids], temperature, prior)
-    domain = DomainScorer.fit(train.pooled, dev.pooled, threshold=config.threshold)
+    components = min(DEFAULT_COMPONENTS, len(train.names) // 2)  # small data sets: fewer dirs
+    domain = DomainScorer.fit(train.pooled, dev.pooled, components, config.threshold)
     config = replace(
         config,
         temperature=temperature,

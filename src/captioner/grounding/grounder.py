@@ -71,8 +71,10 @@ class GroundingConfig:
     def from_json(cls, data: dict) -> GroundingConfig:
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         config = cls(**{k: type(getattr(cls, k))(v) for k, v in known.items()})
-        if config.strength < 0 or config.ood_strength < 0 or config.temperature <= 0 or config.epsilon <= 0:
-            raise ValueError("strength must be >= 0, temperature and epsilon > 0")
+        if min(config.strength, config.ood_strength) < 0:
+            raise ValueError("strength and ood_strength must be >= 0")
+        if config.temperature <= 0 or config.epsilon <= 0:
+            raise ValueError("temperature and epsilon must be > 0")
         return config
 
 

@@ -25,6 +25,11 @@ class Attention(BaseModel):
     shape: list[int] = Field(description="[T, g, g]: tokens, grid rows, grid columns.")
 
 
+class Concept(BaseModel):
+    word: str = Field(description="An everyday word for what the encoder sees.", examples=["cat"])
+    probability: float = Field(description="Summed probability of its ImageNet classes.")
+
+
 class CaptionResponse(BaseModel):
     caption: str = Field(description="The best caption.", examples=["a dog runs through the snow"])
     score: float | None = Field(description="Length-normalised log-probability of the best beam.")
@@ -32,6 +37,19 @@ class CaptionResponse(BaseModel):
     tokens: list[str] = Field(description="The words of the best caption.")
     attention: Attention | None = Field(
         default=None, description="Present when the request asked for attention=true."
+    )
+    concepts: list[Concept] = Field(
+        default_factory=list,
+        description="What the encoder's ImageNet head sees, best first (grounded models).",
+    )
+    in_domain: float | None = Field(
+        default=None,
+        description="Share of held-out training photos at least as unusual as this one (0-1); "
+        "null when the model has no grounding.",
+    )
+    out_of_domain: bool = Field(
+        default=False,
+        description="The photo is unlike the training photos: the caption may well be wrong.",
     )
 
 
@@ -101,4 +119,10 @@ def to_response(result: Any, attention: bool) -> CaptionResponse:
         attention=attention_grid(getattr(result, "attention", None), len(tokens))
         if attention
         else None,
+        concepts=[
+            Concept(word=str(w), probability=_finite(p) or 0.0)
+            for w, p in (getattr(result, "concepts", None) or [])
+        ],
+        in_domain=_finite(getattr(result, "in_domain", None)),
+        out_of_domain=bool(getattr(result, "out_of_domain", False)),
     )

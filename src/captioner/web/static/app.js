@@ -10,6 +10,8 @@
     beam: $("beam"), beamOut: $("beam-out"), maxlen: $("maxlen"), maxlenOut: $("maxlen-out"),
     error: $("error"), busy: $("busy"), empty: $("empty"), output: $("output"),
     caption: $("caption"), words: $("words"), score: $("score"), alts: $("alternatives"),
+    concepts: $("concepts"), conceptsBlock: $("concepts-block"), inDomain: $("in-domain"),
+    oodWarning: $("ood-warning"),
     pick: $("pick"), altsBlock: $("alts-block"), hint: $("attn-hint"), legend: $("legend"),
   };
 
@@ -158,6 +160,16 @@
       els.alts.append(li);
     });
     els.altsBlock.hidden = !(data.alternatives && data.alternatives.length > 1);
+    els.concepts.replaceChildren();
+    (data.concepts || []).forEach((c) => {
+      const li = document.createElement("li");
+      li.textContent = `${c.word} ${c.probability.toFixed(2)}`;
+      els.concepts.append(li);
+    });
+    const grounded = data.in_domain !== null && data.in_domain !== undefined;
+    els.conceptsBlock.hidden = !grounded && !(data.concepts && data.concepts.length);
+    els.inDomain.textContent = grounded ? data.in_domain.toFixed(3) : "n/a";
+    els.oodWarning.hidden = !data.out_of_domain;
     els.output.hidden = false;
     els.empty.hidden = true;
     clearOverlay();
