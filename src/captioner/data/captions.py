@@ -1,4 +1,5 @@
-"""Caption file readers: Flickr8k CSV and token file, Karpathy JSON, COCO JSON.
+"""Caption file readers: Flickr8k CSV and token file, Karpathy JSON, COCO JSON, and (through
+data/manifests.py) CSV/TSV/JSONL manifests of (image path, caption).
 
 Every reader returns the same thing: an ordered mapping ``image file name -> captions``, plus the
 dataset's own split assignment when the format carries one (Karpathy JSON does).
@@ -15,6 +16,8 @@ from pathlib import Path
 from captioner.errors import DataError
 
 SPLIT_NAMES = ("train", "val", "test")
+MAX_BAD_EXAMPLES = 10  # bad rows named in the report; the rest are only counted
+MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl")
 
 
 @dataclass
@@ -25,10 +28,24 @@ class CaptionSet:
     # split name -> image names, when the caption file itself defines a split (Karpathy JSON)
     splits: dict[str, list[str]] = field(default_factory=dict)
     source: str = ""
+    # rows left out, by reason ("empty caption": 3, "missing image": 1...); a large dataset
+    # always has some, and they are counted and reported instead of stopping the run
+    bad: dict[str, int] = field(default_factory=dict)
+    bad_examples: list[str] = field(default_factory=list)
 
     @property
     def num_captions(self) -> int:
         return sum(len(c) for c in self.captions.values())
+
+    @property
+    def num_bad(self) -> int:
+        return sum(self.bad.values())
+
+    def note_bad(self, reason: str, where: str) -> None:
+        """Count one left-out row; keep the first few places for the report."""
+        self.bad[reason] = self.bad.get(reason, 0) + 1
+        if len(self.bad_examples) < MAX_BAD_EXAMPLES:
+            self.bad_examples.append(f"{where}: {reason}")
 
 
 def _add(captions: dict[str, list[str]], image: str, caption: str) -> None:
@@ -129,7 +146,11 @@ def read_captions(path: str | Path) -> CaptionSet:
 
 
 def _read_any(path: Path) -> CaptionSet:
-    if path.suffix.lower() == ".json":
+    if path.suffix.lower() in MANIFEST_SUFFIXES and path.name != "captions.txt":
+        from captioner.data.manifests import read_manifest
+
+        result = read_manifest(path)
+    elif path.suffix.lower() == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
@@ -154,11 +175,27 @@ def _read_any(path: Path) -> CaptionSet:
 
 def find_caption_file(data_dir: Path) -> Path:
     """The caption file of a dataset folder, in order of preference."""
-    for pattern in ("captions.txt", "Flickr8k.token.txt", "dataset_*.json", "captions_*.json"):
+    found = find_caption_file_or_none(data_dir)
+    if found is None:
+        raise DataError(f"{data_dir}: no caption file ({', '.join(CAPTION_FILE_PATTERNS)})")
+    return found
+
+
+CAPTION_FILE_PATTERNS = (
+    "captions.txt",
+    "Flickr8k.token.txt",
+    "dataset_*.json",
+    "captions_*.json",
+    "*.jsonl",
+    "*.csv",
+    "*.tsv",
+)
+
+
+def find_caption_file_or_none(data_dir: Path) -> Path | None:
+    """The first caption file of a dataset folder in order of preference, or None."""
+    for pattern in CAPTION_FILE_PATTERNS:
         found = sorted(data_dir.glob(pattern))
         if found:
             return found[0]
-    raise DataError(
-        f"{data_dir}: no caption file (captions.txt, Flickr8k.token.txt, dataset_*.json or "
-        "captions_*.json)"
-    )
+    return None

@@ -5,20 +5,28 @@ Work directory layout (every later stage reads only this):
     captions.json  {image: [caption, ...]} for the images that exist on disk
     splits.json    {"settings": ..., "train": [...], "val": [...], "test": [...]}
     vocab.json     vocabulary built from the training captions only
+    shards.json    (WebDataset shards only) where each image's bytes lie in its shard
+
+Any layout ``data/layouts.py`` detects is read: caption files, CSV/TSV/JSONL manifests, tar
+shards, folders of images with sidecar captions. Rows left out (missing or corrupt images,
+empty captions, malformed rows) are counted in ``PreparedData.bad`` and reported, never fatal.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from captioner.data.captions import CaptionSet, find_caption_file, read_captions
+from captioner.data.captions import CaptionSet, read_captions
+from captioner.data.image_source import FolderSource, ImageSource
+from captioner.data.layouts import IMAGE_DIR_CANDIDATES, detect, find_images_dir, read_layout
 from captioner.data.splits import Splits, make_splits
 from captioner.data.vocab import Vocabulary
+from captioner.data.webdataset_source import ShardSource
 from captioner.errors import DataError
 from captioner.io import atomic_write_json, read_json
 
-IMAGE_DIR_CANDIDATES = ("images", "Images", "Flicker8k_Dataset", "Flickr8k_Dataset", ".")
+__all__ = ["IMAGE_DIR_CANDIDATES", "PrepareSettings", "PreparedData", "find_images_dir", "prepare"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,21 @@ class PreparedData:
     captions: dict[str, list[str]]
     splits: Splits
     vocab: Vocabulary
+    format: str = "captions"  # see data/layouts.py
+    # rows left out by this prepare run (reason -> count) and the first few of them
+    bad: dict[str, int] = field(default_factory=dict)
+    bad_examples: list[str] = field(default_factory=list)
+    source: ImageSource | None = field(default=None, repr=False)
+
+    @property
+    def image_source(self) -> ImageSource:
+        """Where the feature cache reads the images: the folder, or the tar shards in place."""
+        if self.source is None:
+            if self.format == "webdataset":
+                self.source = ShardSource.load(self.work_dir)
+            else:
+                self.source = FolderSource(self.images_dir)
+        return self.source
 
     @classmethod
     def load(cls, work_dir: str | Path) -> PreparedData:
@@ -55,19 +78,10 @@ class PreparedData:
             read_json(work_dir / "captions.json"),
             Splits.from_json(read_json(work_dir / "splits.json")),
             Vocabulary.load(work_dir / "vocab.json"),
+            info.get("format", "captions"),
+            info.get("bad", {}),
+            info.get("bad_examples", []),
         )
-
-
-def find_images_dir(data_dir: Path) -> Path:
-    for candidate in IMAGE_DIR_CANDIDATES:
-        folder = data_dir / candidate
-        if folder.is_dir() and any(
-            p.suffix.lower() in (".jpg", ".jpeg", ".png") for p in folder.iterdir()
-        ):
-            return folder.resolve()
-    raise DataError(
-        f"{data_dir}: no image folder found (looked for {', '.join(IMAGE_DIR_CANDIDATES)})"
-    )
 
 
 def prepare(
@@ -83,33 +97,51 @@ def prepare(
     data_dir, work_dir = Path(data_dir), Path(work_dir)
     if not data_dir.is_dir():
         raise DataError(f"data directory not found: {data_dir}")
-    caption_path = Path(caption_file) if caption_file else find_caption_file(data_dir)
-    images = Path(images_dir).resolve() if images_dir else find_images_dir(data_dir)
-    info = {
-        "data_dir": str(data_dir.resolve()),
-        "caption_file": str(caption_path.resolve()),
-        "images_dir": str(images),
-        "settings": asdict(settings),
-    }
+    layout = detect(
+        data_dir,
+        Path(caption_file) if caption_file else None,
+        Path(images_dir) if images_dir else None,
+    )
+    info = {**layout.info(), "settings": asdict(settings)}
     info_path = work_dir / "dataset.json"
     if info_path.is_file() and not force:
         saved = read_json(info_path)
-        if saved == info:
+        # a manifest's image folder, when not given, is derived from the manifest: not compared
+        compared = {k: v for k, v in info.items() if not (k == "images_dir" and layout.derived)}
+        if {k: saved.get(k) for k in compared} == compared and set(saved) - set(info) <= (
+            _REPORT_KEYS
+        ):
             return PreparedData.load(work_dir)
-        changed = sorted(k for k in info if saved.get(k) != info[k])
+        changed = sorted(k for k in compared if saved.get(k) != compared[k])
         raise DataError(
             f"{work_dir} was prepared with different {', '.join(changed)} "
             f"(saved: { {k: saved.get(k) for k in changed} }); use another --work-dir, or --force "
             "to redo it (features and models made from the old one must then be rebuilt)"
         )
-    caption_set = read_captions(caption_path)
-    present = {p.name for p in images.iterdir()}
-    kept = {name: caps for name, caps in caption_set.captions.items() if Path(name).name in present}
-    if not kept:
-        raise DataError(f"none of the {len(caption_set.captions)} captioned images is in {images}")
-    missing = len(caption_set.captions) - len(kept)
-    if missing:
-        print(f"note: {missing} captioned images are not in {images}; left out")
+    caption_set, source = read_layout(layout, read_captions)
+    images = layout.images_dir
+    info["images_dir"] = str(images)  # a manifest's image root is chosen while reading
+    if layout.format == "captions":
+        present = {p.name for p in images.iterdir()}
+        kept = {
+            name: caps for name, caps in caption_set.captions.items() if Path(name).name in present
+        }
+        missing = len(caption_set.captions) - len(kept)
+        if not kept:
+            raise DataError(
+                f"none of the {len(caption_set.captions)} captioned images is in {images}"
+            )
+        if missing:
+            print(f"note: {missing} captioned images are not in {images}; left out")
+            caption_set.bad["missing image"] = caption_set.bad.get("missing image", 0) + missing
+    else:
+        kept = caption_set.captions
+        if not kept:
+            raise DataError(
+                f"{data_dir}: no usable image with a caption "
+                f"({_bad_summary(caption_set.bad) or 'nothing found'})"
+            )
+    bad, bad_examples = dict(caption_set.bad), list(caption_set.bad_examples)
     caption_set = CaptionSet(kept, caption_set.splits, caption_set.source)
     splits = make_splits(
         caption_set,
@@ -125,5 +157,17 @@ def prepare(
     atomic_write_json(work_dir / "captions.json", kept)
     atomic_write_json(work_dir / "splits.json", splits.to_json())
     vocab.save(work_dir / "vocab.json")
-    atomic_write_json(info_path, info)  # last: its presence means the rest is complete
-    return PreparedData(work_dir, images, kept, splits, vocab)
+    if isinstance(source, ShardSource):
+        source.index_path = source.save(work_dir)
+    report = {"bad": bad, "bad_examples": bad_examples} if layout.format != "captions" else {}
+    atomic_write_json(info_path, {**info, **report})  # last: its presence means all is there
+    return PreparedData(
+        work_dir, images, kept, splits, vocab, layout.format, bad, bad_examples, source
+    )
+
+
+_REPORT_KEYS = {"bad", "bad_examples"}  # dataset.json keys that describe a run, not its inputs
+
+
+def _bad_summary(bad: dict[str, int]) -> str:
+    return ", ".join(f"{count} {reason}" for reason, count in sorted(bad.items()))

@@ -49,7 +49,7 @@ def _cached_features(captioner: Captioner, prepared: PreparedData, names: list[s
 
     spec = captioner.spec
     cache_dir = cache_dir_for(feature_root(prepared), spec.name, spec.image_size, 0)
-    if not is_current(cache_dir, prepared.images_dir, split_images(prepared), spec):
+    if not is_current(cache_dir, prepared.image_source, split_images(prepared), spec):
         return None
     dirs = ensure_features(prepared, spec.name, progress=False)  # complete: loads no encoder
     cached_names, features = load_features({0: dirs[0]})[0]
@@ -137,7 +137,8 @@ def evaluate(
             chunk = features[offset : offset + len(batch)].float()  # (b, P, C)
             results = captioner.caption_features(chunk, **options)
         else:
-            results = captioner.caption([prepared.images_dir / n for n in batch], **options)
+            source = prepared.image_source  # a folder, or tar shards read in place
+            results = captioner.caption([source.locate(n) for n in batch], **options)
         offset += len(batch)
         predictions.update((n, r.caption) for n, r in zip(batch, results, strict=True))
     bar.close()

@@ -34,11 +34,16 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
+from captioner.data.image_source import ImageSource, as_image_source
 from captioner.data.images import load_image
 from captioner.errors import CacheError
 from captioner.features.encoders import EncoderSpec, preprocess
 from captioner.features.onnx import FeatureExtractor
 from captioner.io import atomic_path, atomic_write_json, read_json
+
+# ``images_dir`` below is a folder or any ImageSource (data/image_source.py: tar shards are read
+# in place); a folder is wrapped in a FolderSource, so names resolve as ``images_dir / name``.
+Images = Path | str | ImageSource
 
 MANIFEST = "manifest.json"
 SHARD_SIZE = 512  # images per safetensors shard: the unit of resumption
@@ -46,55 +51,53 @@ CACHE_FORMAT = 2  # 1: fingerprint of names and sizes only (upgraded in place, s
 _SHOWN_MISSING = 10  # missing images named in the error message
 
 
-def _content_hash(path: Path) -> str:
+def _content_hash(source: ImageSource, name: str) -> str:
     try:
-        with open(path, "rb") as handle:
-            if hasattr(hashlib, "file_digest"):  # Python 3.11+
-                return hashlib.file_digest(handle, "sha256").hexdigest()
-            digest = hashlib.sha256()
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-            return digest.hexdigest()
+        return source.sha256(name)
     except OSError as exc:
-        raise CacheError(f"cannot read image {path} to fingerprint it: {exc}") from exc
+        raise CacheError(
+            f"cannot read image {name} in {source.describe()} to fingerprint it: {exc}"
+        ) from exc
 
 
-def dataset_fingerprint(images_dir: Path, names: list[str]) -> str:
+def dataset_fingerprint(images_dir: Images, names: list[str]) -> str:
     """Names, byte sizes and content hashes of the images, in order: changes when any image is
     added, removed, renamed, reordered or edited (a missing one counts as size -1)."""
     digest = hashlib.sha256()
+    source = as_image_source(images_dir)
     for name in names:
-        path = Path(images_dir) / name
-        if path.is_file():
-            size, content = path.stat().st_size, _content_hash(path)
+        if source.exists(name):
+            size, content = source.size(name), _content_hash(source, name)
         else:
             size, content = -1, ""
         digest.update(f"{name}\0{size}\0{content}\n".encode())
     return digest.hexdigest()
 
 
-def _legacy_fingerprint(images_dir: Path, names: list[str]) -> str:
+def _legacy_fingerprint(images_dir: Images, names: list[str]) -> str:
     """Format 1's fingerprint: names and byte sizes only."""
     digest = hashlib.sha256()
+    source = as_image_source(images_dir)
     for name in names:
-        path = Path(images_dir) / name
-        size = path.stat().st_size if path.is_file() else -1
+        size = source.size(name) if source.exists(name) else -1
         digest.update(f"{name}\0{size}\n".encode())
     return digest.hexdigest()
 
 
-def missing_images(images_dir: Path, names: list[str]) -> list[str]:
-    return [name for name in names if not (Path(images_dir) / name).is_file()]
+def missing_images(images_dir: Images, names: list[str]) -> list[str]:
+    source = as_image_source(images_dir)
+    return [name for name in names if not source.exists(name)]
 
 
-def _check_images_exist(images_dir: Path, names: list[str]) -> None:
+def _check_images_exist(images_dir: Images, names: list[str]) -> None:
     """Fail before touching the cache: a deleted image must not cost the features of the rest."""
     missing = missing_images(images_dir, names)
     if missing:
         shown = ", ".join(missing[:_SHOWN_MISSING])
         more = f" and {len(missing) - _SHOWN_MISSING} more" if len(missing) > _SHOWN_MISSING else ""
         raise CacheError(
-            f"{len(missing)} of {len(names)} images are missing from {images_dir}: {shown}{more}. "
+            f"{len(missing)} of {len(names)} images are missing from "
+            f"{as_image_source(images_dir).describe()}: {shown}{more}. "
             "Restore them (the feature cache is left as it was), or prepare the data again "
             "without them"
         )
@@ -137,7 +140,7 @@ def _expected_manifest(
 
 def is_current(
     cache_dir: Path,
-    images_dir: Path,
+    images_dir: Images,
     names: list[str],
     spec: EncoderSpec,
     *,
@@ -155,7 +158,7 @@ def is_current(
     except ValueError:
         return False
     expected = _expected_manifest(
-        spec, dataset_fingerprint(Path(images_dir), names), len(names), view, augment, shard_size
+        spec, dataset_fingerprint(images_dir, names), len(names), view, augment, shard_size
     )
     return (
         {k: saved.get(k) for k in expected} == expected
@@ -164,8 +167,9 @@ def is_current(
     )
 
 
-def _load_view(images_dir: Path, name: str, view: int, augment: dict | None) -> np.ndarray:
-    image = load_image(images_dir / name)
+def _load_view(images_dir: Images, name: str, view: int, augment: dict | None) -> np.ndarray:
+    located = as_image_source(images_dir).locate(name)  # a path, or bytes read from a shard
+    image = load_image(located, name if isinstance(located, bytes) else None)
     if view > 0:
         from captioner.data.augment import augment_image
 
@@ -174,7 +178,7 @@ def _load_view(images_dir: Path, name: str, view: int, augment: dict | None) -> 
 
 
 def extract_to_cache(
-    images_dir: Path,
+    images_dir: Images,
     names: list[str],
     cache_dir: Path,
     extractor: FeatureExtractor,
@@ -186,7 +190,7 @@ def extract_to_cache(
     progress: bool = True,
 ) -> Path:
     """Extract features of ``names`` into ``cache_dir``, resuming or rebuilding as needed."""
-    images_dir, cache_dir = Path(images_dir), Path(cache_dir)
+    images_dir, cache_dir = as_image_source(images_dir), Path(cache_dir)
     if view > 0 and not augment:
         raise CacheError("augmented views need augment settings ({'seed', 'strength'})")
     _check_images_exist(images_dir, names)
@@ -266,7 +270,7 @@ def extract_to_cache(
 
 
 def _upgrade_legacy(
-    cache_dir: Path, saved: dict, expected: dict, images_dir: Path, names: list[str]
+    cache_dir: Path, saved: dict, expected: dict, images_dir: Images, names: list[str]
 ) -> dict[str, int] | None:
     """The shards of a format-1 cache that can be kept under the new fingerprint, or None when
     it is not a format-1 cache of these names and sizes (then it is rebuilt as stale). A shard
@@ -302,7 +306,7 @@ def _upgrade_legacy(
     return kept
 
 
-def _shard_predates(path: Path, shard_names: list[str], images_dir: Path) -> bool:
+def _shard_predates(path: Path, shard_names: list[str], images_dir: Images) -> bool:
     """Whether a shard holds ``shard_names`` and was written after each of them last changed."""
     try:
         with safe_open(str(path), framework="numpy") as handle:
@@ -311,7 +315,8 @@ def _shard_predates(path: Path, shard_names: list[str], images_dir: Path) -> boo
     except Exception:  # noqa: BLE001 - an unreadable shard is extracted again
         return False
     written = path.stat().st_mtime_ns
-    return all((images_dir / n).stat().st_mtime_ns < written for n in shard_names)
+    source = as_image_source(images_dir)
+    return all(source.mtime_ns(n) < written for n in shard_names)
 
 
 def _load_batch(images_dir, batch_names, view, augment, extractor) -> np.ndarray:

@@ -44,13 +44,13 @@ def ensure_features(
         augment = {"seed": augment_seed, "strength": augment_strength} if view else None
         cache_dir = cache_dir_for(feature_root(prepared), encoder, spec.image_size, view, augment)
         current = is_current(
-            cache_dir, prepared.images_dir, names, spec, view=view, augment=augment
+            cache_dir, prepared.image_source, names, spec, view=view, augment=augment
         )
         if extractor is None and not current:
             extractor = FeatureExtractor(encoder, backend, threads)
         if extractor is not None:
             extract_to_cache(
-                prepared.images_dir,
+                prepared.image_source,  # a folder, or tar shards read in place
                 names,
                 cache_dir,
                 extractor,
