@@ -41,10 +41,7 @@ def export_encoder(name: str, path: Path | None = None) -> Path:
         path = (
             cache_root()
             / "onnx"
-            / (
-                f"{name}-{spec.image_size}-r{spec.revision}-concepts"
-                f"-torch{torch.__version__}.onnx"
-            )
+            / (f"{name}-{spec.image_size}-r{spec.revision}-concepts-torch{torch.__version__}.onnx")
         )
     if path.is_file():
         return path
