@@ -13,9 +13,12 @@ from captioner.settings import BACKENDS, check_choice
 AUGMENT_STRENGTHS = ("light", "medium", "strong")
 
 DATA_DIR_HELP = (
-    "dataset folder: a caption file (captions.txt, Flickr8k.token.txt, dataset_*.json, "
-    "captions_*.json) and an images folder"
+    "dataset folder, detected in this order: a caption file (captions.txt, Flickr8k.token.txt, "
+    "dataset_*.json, captions_*.json) and an images folder; a CSV/TSV/JSONL manifest of "
+    "(image, caption); WebDataset tar shards (KEY.jpg + KEY.txt, read in place); or images "
+    "with a sidecar NAME.txt of captions"
 )
+SHOWN_BAD = 5  # left-out rows named in prepare's summary
 
 
 @friendly_errors
@@ -39,6 +42,12 @@ def prepare_cmd(
         True, help="use the dataset's own split lists when present"
     ),
     force: bool = typer.Option(False, help="redo a work dir prepared with other settings"),
+    caption_file: Path | None = typer.Option(
+        None, "--caption-file", help="this caption file or manifest instead of the detected one"
+    ),
+    images_dir: Path | None = typer.Option(
+        None, "--images-dir", help="the images folder (default: found in --data-dir)"
+    ),
 ) -> None:
     """Read captions, split by image (saved), build the vocabulary (saved)."""
     from captioner.data.prepare import PrepareSettings, prepare
@@ -46,9 +55,22 @@ def prepare_cmd(
     settings = PrepareSettings(
         num_words or None, min_count, test_size, val_size, seed, official_split
     )
-    data = prepare(data_dir, work_dir, settings, force=force)
+    data = prepare(
+        data_dir, work_dir, settings, caption_file=caption_file, images_dir=images_dir, force=force
+    )
     s = data.splits
-    typer.echo(f"{len(data.captions):,} images, {sum(map(len, data.captions.values())):,} captions")
+    typer.echo(
+        f"{data.format}: {len(data.captions):,} images, "
+        f"{sum(map(len, data.captions.values())):,} captions"
+    )
+    bad = sum(data.bad.values())
+    if bad:
+        reasons = ", ".join(f"{n:,} {reason}" for reason, n in sorted(data.bad.items()))
+        typer.echo(f"left out {bad:,} bad rows: {reasons}")
+        for example in data.bad_examples[:SHOWN_BAD]:
+            typer.echo(f"  {example}")
+    elif data.format != "captions":
+        typer.echo("left out 0 bad rows")
     typer.echo(
         f"split ({s.settings.method}): train {len(s.train):,} / val {len(s.val):,} / "
         f"test {len(s.test):,} images"
