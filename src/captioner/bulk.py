@@ -202,8 +202,9 @@ def caption_bulk(
         bar.update(len(chunk))
 
     chunk: list[_Decoded] = []
+    stream = decoded_stream(inputs, sink, files_from, prefetch or 2 * batch_size)
     try:
-        for item in decoded_stream(inputs, sink, files_from, prefetch or 2 * batch_size):
+        for item in stream:
             if item.error is not None:
                 problem(item.error)
                 stats.failed += 1
@@ -217,6 +218,7 @@ def caption_bulk(
                     chunk = []
         flush(chunk)
     finally:
+        stream.close()  # stops the decode thread now, also on an error or Ctrl-C
         bar.close()
         stats.seconds = time.perf_counter() - started
     return stats

@@ -262,3 +262,16 @@ def test_cli_jsonl_output_resumes_and_refuses_bad_combinations(tiny_model_dir, p
 
     streamed = run_cli("caption", photos, "-m", tiny_model_dir, "-f", "jsonl")
     assert [json.loads(x) for x in streamed.stdout.splitlines()] == records
+
+
+def test_an_error_in_the_model_stops_the_decode_thread(photos, tmp_path):
+    class Broken(FakeCaptioner):
+        def caption(self, images, return_attention=True, **settings):
+            raise RuntimeError("model fell over")
+
+    sink = AppendFile(tmp_path / "out.jsonl", "jsonl")
+    with pytest.raises(RuntimeError, match="fell over"):
+        caption_bulk(Broken(), [str(photos)], sink, batch_size=1, prefetch=1)
+    sink.close()
+    assert not any(t.name == "bulk-decode" and t.is_alive() for t in threading.enumerate())
+    assert not (tmp_path / "out.jsonl").exists()  # nothing was written
