@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import TypeVar
 
+from captioner.devices import DEVICES, PRECISIONS
 from captioner.errors import ConfigError
 from captioner.settings import BACKENDS, check_settings, settings_from_json
 from captioner.settings import setting as _f
@@ -16,7 +17,17 @@ SELECT_METRICS = ("CIDEr-D", "BLEU-4")
 AUGMENT_STRENGTHS = ("light", "medium", "strong")
 CELLS = ("gru", "lstm")
 # settings that may change between a run and its resumption
-_RESUMABLE = ("epochs", "threads", "patience", "data_dir", "max_steps", "keep_epochs")
+# (device and precision too: a run started on a GPU may resume on the CPU and back)
+_RESUMABLE = (
+    "epochs",
+    "threads",
+    "patience",
+    "data_dir",
+    "max_steps",
+    "keep_epochs",
+    "device",
+    "precision",
+)
 
 
 class _Settings:
@@ -86,6 +97,12 @@ class TrainConfig(_Settings):
     label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy", ge=0, lt=1)
     seed: int = _f(0, "random seed (batches, dropout, augmentation)", ge=0)
     threads: int = _f(0, "torch CPU threads (0 = all cores)", ge=0)
+    device: str = _f("auto", "auto (a CUDA GPU if visible), cpu or cuda", choices=DEVICES)
+    precision: str = _f(
+        "auto",
+        "autocast: auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16",
+        choices=PRECISIONS,
+    )
     max_steps: int = _f(0, "stop after this many optimizer steps in total (0 = no limit)", ge=0)
     # checkpoints and selection
     checkpoint_every: int = _f(500, "also checkpoint every N steps inside an epoch", ge=1)
@@ -150,6 +167,12 @@ class ScstConfig(_Settings):
     grad_clip: float = _f(1.0, "clip the gradient norm to this (0 = off)", ge=0)
     seed: int = _f(0, "random seed (batches, views, sampling)", ge=0)
     threads: int = _f(0, "torch CPU threads (0 = all cores)", ge=0)
+    device: str = _f("auto", "auto (a CUDA GPU if visible), cpu or cuda", choices=DEVICES)
+    precision: str = _f(
+        "auto",
+        "autocast: auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16",
+        choices=PRECISIONS,
+    )
     max_steps: int = _f(0, "stop after this many optimizer steps in total (0 = no limit)", ge=0)
     # checkpoints and selection
     checkpoint_every: int = _f(100, "also checkpoint every N steps inside an epoch", ge=1)

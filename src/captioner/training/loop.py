@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from captioner.data.prepare import PreparedData, PrepareSettings, prepare
+from captioner.devices import autocast, grad_scaler, resolve_device, resolve_precision
 from captioner.errors import ConfigError, DataError
 from captioner.features.encoders import get_spec
-from captioner.features.pipeline import ensure_features, load_features
+from captioner.features.pipeline import ensure_features
 from captioner.io import atomic_write_json, atomic_write_text, read_json
 from captioner.model.captioning_model import CaptioningModel
 from captioner.model.config import DecoderConfig
@@ -26,6 +27,7 @@ from captioner.training.batching import CaptionSamples, build_samples, image_bat
 from captioner.training.checkpoint import resume_latest, save_checkpoint, start_over
 from captioner.training.config import TrainConfig, _Settings
 from captioner.training.distributed import DistContext, broadcast_flag, init_distributed, shutdown
+from captioner.training.feature_store import TrainingFeatures
 
 
 def cosine_decay(lr: float, min_lr: float, progress: float) -> float:
@@ -49,15 +51,28 @@ def train_step(
     samples: CaptionSamples,
     images: torch.Tensor,
     cfg: TrainConfig,
+    amp_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[float, torch.Tensor]:
-    """One optimizer step on every caption of ``images`` (rows of ``feats`` (I, P, C)).
-    Returns (cross-entropy, the caption rows used). The benchmark times exactly this."""
+    """One optimizer step on every caption of ``images`` (rows of ``feats`` (I, P, C), on the
+    model's device). ``amp_dtype`` autocasts the forward pass and the loss (bf16/fp16; None:
+    fp32), ``scaler`` scales an fp16 loss. Returns (cross-entropy, the caption rows used).
+    The benchmark times exactly this."""
     idx, image_pos = samples.for_images(images)  # (B,), (B,)
-    lengths = samples.lengths[idx]  # (B,)
-    tokens = samples.tokens[idx, : int(lengths.max())]  # (B, L)
-    out = model(feats, tokens, lengths, image_pos)
-    loss, ce = masked_caption_loss(out, cfg.alpha_c, cfg.label_smoothing)
+    lengths = samples.lengths[idx]  # (B,) stays on the CPU: the decoder plans its steps from it
+    tokens = samples.tokens[idx, : int(lengths.max())].to(feats.device)  # (B, L)
+    with autocast(feats.device, amp_dtype):
+        out = model(feats, tokens, lengths, image_pos)
+        loss, ce = masked_caption_loss(out, cfg.alpha_c, cfg.label_smoothing)
     optimizer.zero_grad(set_to_none=True)
+    if scaler is not None and scaler.is_enabled():
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # clip the true gradients
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+        scaler.update()
+        return float(ce), idx
     loss.backward()
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -107,20 +122,6 @@ def save_settings(path: Path, cfg: _Settings, restart: bool) -> None:
     atomic_write_json(path, cfg.to_json())
 
 
-@dataclass
-class TrainingFeatures:
-    """Cached encoder grids a run trains and validates on."""
-
-    train: torch.Tensor  # (V, N_train, P, C) fp16: view 0 plus the augmented views, train order
-    val: torch.Tensor  # (N_val, P, C) fp16, view 0
-    val_names: list[str]
-
-    def view_choice(self, seed: int, epoch: int) -> torch.Tensor:
-        """(N_train,) which view of each training image an epoch uses (seeded by the epoch)."""
-        generator = torch.Generator().manual_seed(seed * 7 + epoch)
-        return torch.randint(0, self.train.size(0), (self.train.size(1),), generator=generator)
-
-
 def load_training_features(
     prepared: PreparedData,
     encoder: str,
@@ -132,8 +133,9 @@ def load_training_features(
     val_images: int = 0,
     progress: bool = True,
 ) -> TrainingFeatures:
-    """Extract whatever caches are missing, then load the training views and the dev grids
-    (the first ``val_images`` dev images, or all of them when 0)."""
+    """Extract whatever caches are missing, then index the training views and the dev grids
+    (the first ``val_images`` dev images, or all of them when 0) for reading on demand:
+    resident memory does not grow with the dataset (training/feature_store.py)."""
     cache_dirs = ensure_features(
         prepared,
         encoder,
@@ -144,20 +146,10 @@ def load_training_features(
         progress=progress,
     )
     splits = prepared.splits
-    views = load_features(cache_dirs)
-    names0, feats0 = views[0]
-    row0 = {n: i for i, n in enumerate(names0)}
-    train_views = [feats0[torch.tensor([row0[n] for n in splits.train])]]
-    for view in range(1, augment_views + 1):
-        names_v, feats_v = views[view]
-        if names_v != splits.train:
-            raise DataError(f"augmented view {view} does not cover the training list in order")
-        train_views.append(feats_v)
     val_names = splits.val[:val_images] if val_images else splits.val
     if not val_names:
         raise DataError("the dev split is empty: validation needs dev images")
-    val = feats0[torch.tensor([row0[n] for n in val_names])]
-    return TrainingFeatures(torch.stack(train_views), val, list(val_names))
+    return TrainingFeatures(cache_dirs, list(splits.train), list(val_names))
 
 
 def validate(
@@ -168,8 +160,10 @@ def validate(
     vocab,
     max_length: int,
     batch_size: int = 200,
+    device: torch.device | None = None,
 ) -> dict[str, float]:
-    """Free-running greedy decoding of dev images, scored against their references."""
+    """Free-running greedy decoding of dev images, scored against their references.
+    ``features`` is (N, P, C): a tensor, or a RowSet read slice by slice."""
     from captioner.decoding import greedy_decode
     from captioner.evaluation.metrics import score_captions
 
@@ -177,7 +171,7 @@ def validate(
     predictions = {}
     with torch.inference_mode():
         for start in range(0, len(names), batch_size):
-            batch = features[start : start + batch_size].float()
+            batch = features[start : start + batch_size].to(device or "cpu").float()
             for name, result in zip(
                 names[start : start + batch_size],
                 greedy_decode(decoder, batch, max_length=max_length),
@@ -219,17 +213,25 @@ class EpochRecorder:
         val_max_length: int,
         extra: dict,
         log=print,
+        device: torch.device | None = None,
     ):
         self.run_dir, self.decoder, self.vocab, self.spec = run_dir, decoder, vocab, spec
         self.features, self.captions = features, captions
         self.select_metric, self.keep_epochs = select_metric, keep_epochs
         self.val_max_length, self.extra, self.log = val_max_length, extra, log
+        self.device = device
 
     def end_epoch(self, state: dict, epoch: int, train_column: tuple[str, float], lr: float):
         """Validate and record epoch ``epoch`` (0-based) in ``state``; True if it is the best."""
         f = self.features
         scores = validate(
-            self.decoder, f.val, f.val_names, self.captions, self.vocab, self.val_max_length
+            self.decoder,
+            f.val,
+            f.val_names,
+            self.captions,
+            self.vocab,
+            self.val_max_length,
+            device=self.device,
         )
         name, value = train_column
         row = {
@@ -286,7 +288,7 @@ def new_progress() -> dict:
 
 def train(cfg: TrainConfig, restart: bool = False, log=print) -> Path:
     """Train (or resume) a run; return the directory of the best model."""
-    ctx = init_distributed()
+    ctx = init_distributed(resolve_device(cfg.device))
     try:
         return _train(cfg, ctx, restart, log if ctx.is_main else (lambda *a, **k: None))
     finally:
@@ -334,10 +336,14 @@ def _train(cfg: TrainConfig, ctx: DistContext, restart: bool, log) -> Path:
         context_dim=cfg.context_dim,
         dropout=cfg.dropout,
     )
-    decoder = ShowAttendTellDecoder(dcfg)
+    device = ctx.device
+    amp_dtype = resolve_precision(cfg.precision, device)
+    scaler = grad_scaler(device, amp_dtype)
+    decoder = ShowAttendTellDecoder(dcfg).to(device)
     model = decoder
     if ctx.enabled:
-        model = torch.nn.parallel.DistributedDataParallel(decoder)
+        ids = [device.index or 0] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(decoder, device_ids=ids)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     batches_per_epoch = len(
         image_batches(samples.num_images, images_per_batch, cfg.seed, 0, ctx.rank, ctx.world_size)
@@ -369,6 +375,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, restart: bool, log) -> Path:
         val_max_length=cfg.val_max_length,
         extra={"train_config": cfg.to_json()},
         log=log,
+        device=device,
     )
 
     def checkpoint():
@@ -386,6 +393,11 @@ def _train(cfg: TrainConfig, ctx: DistContext, restart: bool, log) -> Path:
         f"training {dcfg.cell.upper()} decoder: {sum(p.numel() for p in decoder.parameters()):,} "
         f"parameters, {len(samples.lengths):,} captions, {batches_per_epoch} batches/epoch"
         + (f", {ctx.world_size} processes" if ctx.enabled else "")
+        + (
+            f", {device}" + (f" {str(amp_dtype)[6:]} autocast" if amp_dtype else "")
+            if device.type != "cpu"
+            else ""
+        )
     )
     stop = state["epoch"] >= cfg.epochs or (cfg.max_steps and state["step"] >= cfg.max_steps)
     decoder.train()
@@ -405,29 +417,33 @@ def _train(cfg: TrainConfig, ctx: DistContext, restart: bool, log) -> Path:
         if state["batch"] == 0:
             state["train_sum"], state["train_count"] = 0.0, 0
         seen, t0 = 0, time.perf_counter()
-        for b in range(state["batch"], len(batches)):
-            images = batches[b]  # (I,)
-            feats = features.train[view_choice[images], images].float()  # (I, P, C)
-            for group in optimizer.param_groups:
-                group["lr"] = get_lr(state["step"], total_steps, cfg)
-            ce, idx = train_step(model, optimizer, feats, samples, images, cfg)
-            state["step"] += 1
-            state["batch"] = b + 1
-            state["train_sum"] += float(ce) * len(idx)
-            state["train_count"] += len(idx)
-            seen += len(idx)
-            elapsed = time.perf_counter() - t0
-            bar.update(1)
-            bar.set_postfix(
-                loss=f"{state['train_sum'] / state['train_count']:.3f}",
-                caps_s=f"{seen * ctx.world_size / max(elapsed, 1e-9):.0f}",
-            )
-            if cfg.max_steps and state["step"] >= cfg.max_steps:
-                break
-            if state["step"] % cfg.checkpoint_every == 0 and b + 1 < len(batches):
-                state["seconds"] += time.perf_counter() - t0
-                t0, seen = time.perf_counter(), 0
-                checkpoint()
+        reading = contextlib.closing(features.prefetch(view_choice, batches, state["batch"]))
+        with reading as loader:
+            for b, grids in loader:
+                images = batches[b]  # (I,)
+                feats = grids.to(device, non_blocking=True).float()  # (I, P, C)
+                for group in optimizer.param_groups:
+                    group["lr"] = get_lr(state["step"], total_steps, cfg)
+                ce, idx = train_step(
+                    model, optimizer, feats, samples, images, cfg, amp_dtype, scaler
+                )
+                state["step"] += 1
+                state["batch"] = b + 1
+                state["train_sum"] += float(ce) * len(idx)
+                state["train_count"] += len(idx)
+                seen += len(idx)
+                elapsed = time.perf_counter() - t0
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{state['train_sum'] / state['train_count']:.3f}",
+                    caps_s=f"{seen * ctx.world_size / max(elapsed, 1e-9):.0f}",
+                )
+                if cfg.max_steps and state["step"] >= cfg.max_steps:
+                    break
+                if state["step"] % cfg.checkpoint_every == 0 and b + 1 < len(batches):
+                    state["seconds"] += time.perf_counter() - t0
+                    t0, seen = time.perf_counter(), 0
+                    checkpoint()
         bar.close()
         state["seconds"] += time.perf_counter() - t0
         epoch_done = state["batch"] >= len(batches)

@@ -10,6 +10,7 @@ optimises the metric the model is judged by. Runs resume from the latest checkpo
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import torch
 
 from captioner.data.vocab import Vocabulary
 from captioner.decoding.greedy import banned_ids, masked_log_probs, select_rows
+from captioner.devices import autocast, grad_scaler, resolve_device, resolve_precision
 from captioner.errors import ConfigError
 from captioner.model.captioning_model import CaptioningModel
 from captioner.model.decoder import ShowAttendTellDecoder
@@ -62,15 +64,15 @@ def sample_captions(
 ) -> SampledCaptions:
     """Sample ``num_samples`` captions per image of ``features`` (I, P, C), keeping the graph of
     their log-probabilities. Finished rows leave the batch, as in greedy decoding."""
-    num_images = features.size(0)
+    num_images, device = features.size(0), features.device
     n = num_images * num_samples
     memory, state = decoder.start(features)  # per image
-    per_row = torch.arange(num_images).repeat_interleave(num_samples)  # (N,)
+    per_row = torch.arange(num_images, device=device).repeat_interleave(num_samples)  # (N,)
     memory, state = select_rows(memory, per_row), select_rows(state, per_row)
-    active = torch.arange(n)  # (n,) the rows still going
-    tokens = torch.full((n,), start_id, dtype=torch.long)
-    log_prob_sums = torch.zeros(n)
-    num_tokens = torch.zeros(n)
+    active = torch.arange(n, device=device)  # (n,) the rows still going
+    tokens = torch.full((n,), start_id, dtype=torch.long, device=device)
+    log_prob_sums = torch.zeros(n, device=device)
+    num_tokens = torch.zeros(n, device=device)
     sampled: list[list[int]] = [[] for _ in range(n)]
     for t in range(max_length):
         logits, state, _ = decoder.step(tokens, state, memory)  # (n, V)
@@ -128,29 +130,41 @@ def scst_step(
     cfg: ScstConfig,
     vocab: Vocabulary,
     generator: torch.Generator,
+    amp_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[float, float]:
-    """One update on the images (rows of ``feats`` (I, P, C); ``images`` their corpus index).
-    Returns (mean sampled reward, mean caption length)."""
+    """One update on the images (rows of ``feats`` (I, P, C) on the decoder's device;
+    ``images`` their corpus index); ``generator`` lives on that device too. Returns (mean
+    sampled reward, mean caption length)."""
+    device = feats.device
     banned = torch.tensor(banned_ids(vocab.pad_id, vocab.start_id, vocab.unk_id, True))
-    sampled = sample_captions(
-        decoder,
-        feats,
-        cfg.samples_per_image,
-        cfg.max_length,
-        start_id=vocab.start_id,
-        end_id=vocab.end_id,
-        banned=banned,
-        generator=generator,
-    )
+    with autocast(device, amp_dtype):
+        sampled = sample_captions(
+            decoder,
+            feats,
+            cfg.samples_per_image,
+            cfg.max_length,
+            start_id=vocab.start_id,
+            end_id=vocab.end_id,
+            banned=banned.to(device),
+            generator=generator,
+        )
     owners = images.repeat_interleave(cfg.samples_per_image).tolist()
     scores = reward.scores(sampled.token_ids, sampled.finished, owners)
-    rewards = torch.tensor(scores).view(-1, cfg.samples_per_image)  # (I, K)
+    rewards = torch.tensor(scores, device=device).view(-1, cfg.samples_per_image)  # (I, K)
     loss = self_critical_loss(sampled.log_prob_sums, sampled.num_tokens, rewards)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    scaled = scaler is not None and scaler.is_enabled()
+    (scaler.scale(loss) if scaled else loss).backward()
+    if scaled:
+        scaler.unscale_(optimizer)
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.grad_clip)
-    optimizer.step()
+    if scaled:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     return float(rewards.mean()), float(sampled.num_tokens.mean())
 
 
@@ -159,7 +173,10 @@ def train_scst(cfg: ScstConfig, restart: bool = False, log=print) -> Path:
     run_dir = Path(cfg.run_dir)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    start = CaptioningModel.from_pretrained(cfg.init_model)
+    device = resolve_device(cfg.device)
+    amp_dtype = resolve_precision(cfg.precision, device)
+    scaler = grad_scaler(device, amp_dtype)
+    start = CaptioningModel.from_pretrained(cfg.init_model, device=str(device))
     decoder, vocab, spec = start.decoder, start.vocab, start.encoder
     prepared = prepare_data(cfg.work_dir, cfg.data_dir, log=log)
     if prepared.vocab.to_json() != vocab.to_json():
@@ -190,7 +207,7 @@ def train_scst(cfg: ScstConfig, restart: bool = False, log=print) -> Path:
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    generator = torch.Generator()
+    generator = torch.Generator(device=device)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=cfg.lr)
     batches_per_epoch = len(image_batches(samples.num_images, cfg.images_per_batch, cfg.seed, 0))
     total_steps = cfg.epochs * batches_per_epoch
@@ -213,6 +230,7 @@ def train_scst(cfg: ScstConfig, restart: bool = False, log=print) -> Path:
         val_max_length=cfg.val_max_length,
         extra={"scst_config": cfg.to_json(), "init_model": start.extra},
         log=log,
+        device=device,
     )
 
     def checkpoint():
@@ -235,29 +253,40 @@ def train_scst(cfg: ScstConfig, restart: bool = False, log=print) -> Path:
         if state["batch"] == 0:
             state["train_sum"], state["train_count"] = 0.0, 0
         t0 = time.perf_counter()
-        for b in range(state["batch"], len(batches)):
-            images = batches[b]
-            feats = features.train[view_choice[images], images].float()  # (I, P, C)
-            # samples depend on (seed, step) alone, so a resumed run draws what it would have
-            generator.manual_seed(cfg.seed * 1_000_003 + state["step"])
-            for group in optimizer.param_groups:
-                group["lr"] = scst_lr(state["step"], total_steps, cfg)
-            mean_reward, length = scst_step(
-                decoder, optimizer, feats, images, reward, cfg, vocab, generator
-            )
-            state["step"] += 1
-            state["batch"] = b + 1
-            state["train_sum"] += mean_reward
-            state["train_count"] += 1
-            bar.update(1)
-            mean = state["train_sum"] / state["train_count"]
-            bar.set_postfix(reward=f"{mean:.3f}", length=f"{length:.1f}")
-            if cfg.max_steps and state["step"] >= cfg.max_steps:
-                break
-            if state["step"] % cfg.checkpoint_every == 0 and b + 1 < len(batches):
-                state["seconds"] += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                checkpoint()
+        reading = contextlib.closing(features.prefetch(view_choice, batches, state["batch"]))
+        with reading as loader:
+            for b, grids in loader:
+                images = batches[b]
+                feats = grids.to(device, non_blocking=True).float()  # (I, P, C)
+                # samples depend on (seed, step) alone, so a resumed run draws what it would have
+                generator.manual_seed(cfg.seed * 1_000_003 + state["step"])
+                for group in optimizer.param_groups:
+                    group["lr"] = scst_lr(state["step"], total_steps, cfg)
+                mean_reward, length = scst_step(
+                    decoder,
+                    optimizer,
+                    feats,
+                    images,
+                    reward,
+                    cfg,
+                    vocab,
+                    generator,
+                    amp_dtype,
+                    scaler,
+                )
+                state["step"] += 1
+                state["batch"] = b + 1
+                state["train_sum"] += mean_reward
+                state["train_count"] += 1
+                bar.update(1)
+                mean = state["train_sum"] / state["train_count"]
+                bar.set_postfix(reward=f"{mean:.3f}", length=f"{length:.1f}")
+                if cfg.max_steps and state["step"] >= cfg.max_steps:
+                    break
+                if state["step"] % cfg.checkpoint_every == 0 and b + 1 < len(batches):
+                    state["seconds"] += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    checkpoint()
         bar.close()
         state["seconds"] += time.perf_counter() - t0
         if state["batch"] < len(batches):  # stopped by --max-steps inside an epoch
