@@ -17,7 +17,10 @@ Conventions shared with :func:`captioner.decoding.beam.beam_search` (so that bea
 - ``word_bias`` (B, V), when given, is added to every step's logits of that image before the
   log-softmax: the step distribution becomes ``p(w) * exp(bias[w])`` renormalised (a product of
   experts with a fixed per-image word prior). Grounding uses it to favour the words the
-  encoder's concepts support and to disfavour the ones they contradict.
+  encoder's concepts support and to disfavour the ones they contradict. A positive bias is a
+  one-time bonus: once a hypothesis emits a token, the positive bias of every token in its
+  ``bias_groups`` group (V,) (default: the token alone; grounding groups "cat" with "cats") is
+  spent for that hypothesis, so a favoured word is named once, not repeated; negative bias stays.
 - ``alphas`` has one attention row per returned token (the attention of the ``<end>`` step is
   dropped), each a distribution over the P grid cells.
 """
@@ -29,6 +32,8 @@ from typing import Protocol
 
 import numpy as np
 import torch
+
+from captioner.decoding.fused import uses_fused
 
 Memory = tuple[torch.Tensor, ...]
 State = tuple[torch.Tensor, ...]
@@ -79,6 +84,19 @@ def masked_log_probs(
         logits = logits + bias  # (N, V)
     logits = logits.index_fill(1, banned, float("-inf"))  # (N, V)
     return torch.log_softmax(logits, dim=1)  # (N, V)
+
+
+def spend_bias(
+    bias: torch.Tensor, tokens: torch.Tensor, groups: torch.Tensor | None
+) -> torch.Tensor:
+    """bias (N, V), tokens (N,) just emitted -> bias with the positive entries of each row's
+    emitted token group set to 0 (see the module doc)."""
+    if groups is None:
+        hit = torch.zeros_like(bias, dtype=torch.bool)
+        hit[torch.arange(bias.size(0), device=bias.device), tokens] = True  # (N, V)
+    else:
+        hit = groups.unsqueeze(0) == groups[tokens].unsqueeze(1)  # (N, V)
+    return torch.where(hit & (bias > 0), torch.zeros_like(bias), bias)
 
 
 def check_word_bias(word_bias: torch.Tensor | None, batch: int) -> torch.Tensor | None:
@@ -133,15 +151,31 @@ def greedy_decode(
     length_penalty: float = 1.0,
     no_repeat_ngram_size: int = 0,
     word_bias: torch.Tensor | None = None,
+    bias_groups: torch.Tensor | None = None,
 ) -> list[DecodeResult]:
     """Decode every image of ``features`` (B, P, C) at once, taking the most likely token at
     each step; a row stops at its first ``<end>``. Finished rows are dropped from the batch, so
-    the stepper only runs the captions still going. ``word_bias`` (B, V): see the module doc."""
+    the stepper only runs the captions still going. ``word_bias`` (B, V) and ``bias_groups``
+    (V,): see the module doc."""
     check_inputs(features, max_length)
     B = features.size(0)
     if B == 0:
         return []
-    word_bias = check_word_bias(word_bias, B)
+    if uses_fused(stepper, no_repeat_ngram_size):  # beam 1 is greedy (tested), in one call
+        from captioner.decoding.beam import beam_search  # beam imports this module
+
+        settings = dict(max_length=max_length, suppress_unk=suppress_unk, word_bias=word_bias)
+        ids = dict(start_id=start_id, end_id=end_id, unk_id=unk_id, pad_id=pad_id)
+        return beam_search(
+            stepper,
+            features,
+            beam_size=1,
+            length_penalty=length_penalty,
+            bias_groups=bias_groups,
+            **settings,
+            **ids,
+        )
+    row_bias = check_word_bias(word_bias, B)  # (n, V) each live row's remaining bias
     device = features.device
     banned = torch.tensor(banned_ids(pad_id, start_id, unk_id, suppress_unk), device=device)
     memory, state = stepper.start(features)
@@ -157,9 +191,10 @@ def greedy_decode(
         if no_repeat_ngram_size > 0:
             past = hist_tok[:t, active].T  # (n, t)
             logits = block_repeated_ngrams(logits, past, no_repeat_ngram_size, end_id)
-        bias = None if word_bias is None else word_bias.index_select(0, active)  # (n, V)
-        logp = masked_log_probs(logits, banned, bias)  # (n, V)
+        logp = masked_log_probs(logits, banned, row_bias)  # (n, V)
         tokens = logp.argmax(dim=1)  # (n,) the first maximum on ties
+        if row_bias is not None:
+            row_bias = spend_bias(row_bias, tokens, bias_groups)
         cum = cum + logp.gather(1, tokens.unsqueeze(1)).squeeze(1)  # (n,)
         if hist_alpha is None:
             hist_alpha = torch.zeros(max_length, B, alpha.size(1), device=device)  # (T, B, P)
@@ -177,6 +212,8 @@ def greedy_decode(
         if keep.numel() == 0:
             break
         active, cum, tokens = active[keep], cum[keep], tokens[keep]
+        if row_bias is not None:
+            row_bias = row_bias[keep]
         state, memory = select_rows(state, keep), select_rows(memory, keep)
 
     tok_np = hist_tok.cpu().numpy()  # (T, B)

@@ -1,8 +1,16 @@
-"""The decoder as two ONNX graphs (start: image grid -> memory + state; step: one token) and a
-Stepper that runs them in ONNX Runtime, so greedy and beam search need no change to use it.
+"""The decoder as ONNX graphs (start: image grid -> memory + state; step: one token; search: one
+token plus the search's scoring) and a Stepper that runs them in ONNX Runtime, so greedy and
+beam search need no change to use it.
 
 The attention keys are part of the memory that ``start`` returns: they are computed once per
 image, not at every step, exactly as in the PyTorch decoder.
+
+The search graph (``decoder_search.onnx``) is one beam-search step for n images x w rows each:
+it attends over each image's memory without copying it to the image's beams (broadcast), adds
+each row's word bias (banned ids at -inf), takes the log-softmax, adds each row's summed
+log-prob and returns each image's k best candidates (ONNX TopK: ties go to the lower index,
+the order beam search needs). So decoding never handles (N, V) tensors in Python and the memory
+is never expanded to the beams; its cost is close to the step's arithmetic.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from captioner.features.onnx import _quiet_export, cache_root, ort_session
 from captioner.io import atomic_path
 from captioner.model.decoder import ShowAttendTellDecoder
 
-EXPORT_VERSION = 2  # bump when the exported graphs change
+EXPORT_VERSION = 3  # bump when the exported graphs change
 
 
 class _Start(nn.Module):
@@ -50,12 +58,61 @@ class _Step(nn.Module):
         return (logits, alpha, *new_state)
 
 
+def _gates(cell: str, gx: torch.Tensor, gh: torch.Tensor, state: tuple) -> tuple:
+    """The GRU/LSTM update of ``ShowAttendTellDecoder._cell`` from its input (gx) and
+    recurrent (gh) pre-activations (N, G*H)."""
+    if cell == "gru":
+        xr, xz, xn = gx.chunk(3, dim=1)
+        hr, hz, hn = gh.chunk(3, dim=1)
+        r = torch.sigmoid(xr + hr)
+        z = torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)
+        return ((1 - z) * n + z * state[0],)
+    i, f, g, o = (gx + gh).chunk(4, dim=1)
+    c = torch.sigmoid(f) * state[1] + torch.sigmoid(i) * torch.tanh(g)
+    return (torch.sigmoid(o) * torch.tanh(c), c)
+
+
+class _Search(nn.Module):
+    """One search step for n images x w rows (N = n*w, an image's rows adjacent): the step of
+    ``_Step`` with the attention broadcast over each image's unexpanded memory, then the
+    masked, biased log-softmax, the candidates' summed log-probs and their top k per image."""
+
+    def __init__(self, decoder: ShowAttendTellDecoder):
+        super().__init__()
+        self.decoder = decoder
+        with torch.no_grad():
+            table = decoder.w_embed(decoder.embedding.weight)  # (V, G*H)
+        self.register_buffer("embed_gates", table)
+
+    def forward(self, tokens, feats, keys, bias, cum, k, *state):
+        """tokens (N,), feats (n, P, D), keys (n, P, A), bias (N, V) each row's word bias with
+        -inf on the banned ids, cum (n, w) summed log-prob per row, k () -> values, index
+        (n, k) into the image's w*V candidates (row * V + word), alpha (N, P), new state."""
+        d = self.decoder
+        n, N = feats.size(0), tokens.size(0)
+        gh, query, beta = d.w_hidden(state[0]).split(d.hidden_splits, dim=1)  # (N, .)
+        q = query.reshape(n, -1, 1, query.size(1))  # (n, w, 1, A)
+        scores = d.attention.score(torch.tanh(keys.unsqueeze(1) + q)).squeeze(3)  # (n, w, P)
+        alpha = torch.softmax(scores, dim=2)  # (n, w, P)
+        context = torch.matmul(alpha, feats).reshape(N, -1)  # (N, D)
+        context = torch.sigmoid(beta) * context  # (N, D)
+        gx = self.embed_gates[tokens] + d.w_context(context)  # (N, G*H)
+        new_state = _gates(d.config.cell, gx, gh, tuple(state))
+        logits = d._output(d.embedding(tokens), new_state[0], context)  # (N, V)
+        logits = (logits + bias).reshape(n, -1, logits.size(1))  # (n, w, V)
+        cand = (cum.unsqueeze(2) + torch.log_softmax(logits, dim=2)).reshape(n, -1)  # (n, w*V)
+        values, index = torch.topk(cand, k, dim=1)  # (n, k), best first
+        return (values, index, alpha.reshape(N, -1), *new_state)
+
+
 def _state_names(decoder: ShowAttendTellDecoder) -> list[str]:
     return ["h"] if decoder.config.cell == "gru" else ["h", "c"]
 
 
 def export_decoder(decoder: ShowAttendTellDecoder, out_dir: Path) -> tuple[Path, Path]:
-    """Write decoder_start.onnx and decoder_step.onnx (dynamic batch) into ``out_dir``.
+    """Write decoder_start.onnx, decoder_step.onnx and decoder_search.onnx (dynamic batch) into
+    ``out_dir``; returns the first two (the search graph is optional for ``OrtStepper``).
 
     The graphs are the eval-mode decoder (dropout off), and ``decoder`` is left in the mode it
     came in: ``torch.onnx.export`` restores the mode of the module it exports onto all of its
@@ -103,6 +160,27 @@ def _export_graphs(decoder: ShowAttendTellDecoder, out_dir: Path) -> None:
                     for n in ["tokens", "feats", "keys", "logits", "alpha", *in_state, *out_state]
                 },
             )
+        bias = torch.zeros(2, cfg.vocab_size)
+        cum = torch.zeros(1, 2)
+        with atomic_path(out_dir / "decoder_search.onnx") as tmp:
+            _quiet_export(
+                _Search(decoder).eval(),
+                (tokens, feats[:1], keys[:1], bias, cum, torch.tensor(3), *state),
+                tmp,
+                input_names=["tokens", "feats", "keys", "bias", "cum", "k", *in_state],
+                output_names=["values", "index", "alpha", *out_state],
+                dynamic_axes={
+                    "tokens": {0: "rows"},
+                    "feats": {0: "images"},
+                    "keys": {0: "images"},
+                    "bias": {0: "rows"},
+                    "cum": {0: "images", 1: "width"},
+                    "values": {0: "images", 1: "k"},
+                    "index": {0: "images", 1: "k"},
+                    "alpha": {0: "rows"},
+                    **{name: {0: "rows"} for name in [*in_state, *out_state]},
+                },
+            )
 
 
 def weights_digest(decoder: ShowAttendTellDecoder) -> str:
@@ -120,9 +198,8 @@ def exported_decoder_dir(decoder: ShowAttendTellDecoder) -> Path:
         / "onnx"
         / (f"decoder-v{EXPORT_VERSION}-{weights_digest(decoder)}-torch{torch.__version__}")
     )
-    if not (
-        (out_dir / "decoder_start.onnx").is_file() and (out_dir / "decoder_step.onnx").is_file()
-    ):
+    names = ["decoder_start.onnx", "decoder_step.onnx", "decoder_search.onnx"]
+    if not all((out_dir / name).is_file() for name in names):
         out_dir.mkdir(parents=True, exist_ok=True)
         export_decoder(decoder, out_dir)
     return out_dir
@@ -136,6 +213,56 @@ class OrtStepper:
         self.step_session = ort_session(onnx_dir / "decoder_step.onnx", threads)
         self.num_state = 1 if cell == "gru" else 2
         self.state_in = ["h_in"] if cell == "gru" else ["h_in", "c_in"]
+        # the fused search step (exports from before it, or `captioner export` dirs, lack it:
+        # decoding then drives ``step``)
+        search = onnx_dir / "decoder_search.onnx"
+        self.search_session = ort_session(search, threads) if search.is_file() else None
+        self._search_outputs = [
+            "values",
+            "index",
+            "alpha",
+            *[f"{n[:-3]}_out" for n in self.state_in],
+        ]
+
+    @property
+    def fused(self) -> bool:
+        """Whether :meth:`search_step` is available (decoding checks this)."""
+        return self.search_session is not None
+
+    @property
+    def vocab_size(self) -> int:
+        """V, from the search graph's ``bias`` input (n, V)."""
+        (bias,) = [i for i in self.search_session.get_inputs() if i.name == "bias"]
+        return int(bias.shape[1])
+
+    def search_start(self, features: torch.Tensor) -> tuple[tuple[np.ndarray, ...], tuple]:
+        """features (B, P, C) -> memory (feats, keys) and state as numpy arrays, batch first."""
+        feats, keys, *state = self.start_session.run(None, {"features": features.float().numpy()})
+        return (feats, keys), tuple(state)
+
+    def search_step(
+        self,
+        tokens: np.ndarray,
+        state: tuple[np.ndarray, ...],
+        memory: tuple[np.ndarray, ...],
+        bias: np.ndarray,
+        cum: np.ndarray,
+        k: int,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
+        """One fused search step for n images x w rows (see the module doc): tokens (n*w,)
+        int64, memory per image (n, P, .), bias (n*w, V) float32, -inf on banned ids, cum
+        (n, w) float32 -> (values (n, k), index (n, k) int64 into w*V, alpha (n*w, P), state)."""
+        feed = {
+            "tokens": tokens,
+            "feats": memory[0],
+            "keys": memory[1],
+            "bias": bias,
+            "cum": cum,
+            "k": np.asarray(k, dtype=np.int64),
+        }
+        feed.update(zip(self.state_in, state))
+        values, index, alpha, *new_state = self.search_session.run(self._search_outputs, feed)
+        return values, index, alpha, tuple(new_state)
 
     def start(self, features: torch.Tensor):
         feats, keys, *state = self.start_session.run(None, {"features": features.float().numpy()})
