@@ -179,3 +179,19 @@ def test_train_cli_with_an_absent_gpu_is_one_line_and_exit_code(tmp_path):
     assert proc.returncode != 0
     assert "no CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_device_extractor_matches_the_torch_encoder_on_the_cpu():
+    """`features --device cuda` runs this extractor; on the CPU it must equal the torch path."""
+    from captioner.features.gpu_encoder import DeviceExtractor
+    from captioner.features.onnx import FeatureExtractor
+
+    gpu_path = DeviceExtractor("efficientnet-lite0", torch.device("cpu"))
+    reference = FeatureExtractor("efficientnet-lite0", backend="torch")
+    size = gpu_path.spec.image_size
+    batch = np.random.default_rng(0).standard_normal((2, 3, size, size)).astype(np.float32)
+    grid = gpu_path(batch)
+    assert grid.shape == (2, gpu_path.spec.num_pixels, gpu_path.spec.channels)
+    np.testing.assert_allclose(grid, reference(batch), rtol=0, atol=1e-5)
+    grid2, logits = gpu_path.with_concepts(batch)
+    assert logits.shape == (2, 1000) and np.array_equal(grid2, grid)

@@ -381,3 +381,55 @@ def test_resumed_epoch_reports_the_whole_epochs_loss_and_a_moved_run_resumes(sma
     assert len(rows[0]) == len(rows[1]) == 1
     assert rows[1][0]["train_loss"] == rows[0][0]["train_loss"]  # not the mean of a part
     assert rows[1][0]["val_CIDEr-D"] == rows[0][0]["val_CIDEr-D"]
+
+
+# ---- devices and precision (every device-aware path, run on the CPU) -------------------------
+
+
+def test_explicit_cpu_device_gives_the_same_weights_as_before(small_data, tmp_path):
+    """--device cpu and --precision fp32 are today's path: the same numbers for the same seed
+    as the defaults (auto resolves to the CPU here), through the on-demand feature store."""
+    common = dict(data_dir=str(small_data), work_dir=str(tmp_path / "w"), epochs=1, **SMALL)
+    train(TrainConfig(run_dir=str(tmp_path / "auto"), max_steps=3, **common))
+    explicit = dict(device="cpu", precision="fp32")
+    train(TrainConfig(run_dir=str(tmp_path / "cpu"), max_steps=3, **common, **explicit))
+    a, b = _final_weights(tmp_path / "auto"), _final_weights(tmp_path / "cpu")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_training_runs_on_the_cpu(small_data, tmp_path, precision):
+    """The GPU's mixed-precision path (autocast; a GradScaler for fp16), exercised on the CPU;
+    then SCST fine-tunes the result in the same precision."""
+    from captioner.training.config import ScstConfig
+    from captioner.training.scst import train_scst
+
+    cfg = TrainConfig(
+        data_dir=str(small_data),
+        work_dir=str(tmp_path / "w"),
+        run_dir=str(tmp_path / "r"),
+        epochs=1,
+        device="cpu",
+        precision=precision,
+        **SMALL,
+    )
+    best = train(cfg)
+    ckpt = list_checkpoints(tmp_path / "r" / "checkpoints")[-1]
+    history = json.loads((ckpt / "state.json").read_text())["progress"]["history"]
+    assert len(history) == 1 and 0 < float(history[0]["train_loss"]) < 20
+    weights = _final_weights(tmp_path / "r")
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
+    scst = ScstConfig(
+        init_model=str(best),
+        work_dir=cfg.work_dir,
+        run_dir=str(tmp_path / "scst"),
+        images_per_batch=4,
+        samples_per_image=2,
+        max_length=6,
+        threads=1,
+        max_steps=2,
+        device="cpu",
+        precision=precision,
+    )
+    train_scst(scst, log=lambda *a: None)
+    assert list_checkpoints(tmp_path / "scst" / "checkpoints")

@@ -123,12 +123,15 @@ def features_cmd(
     seed: int = typer.Option(0, min=0, help="augmentation seed"),
     batch_size: int = typer.Option(16, min=1, max=1024, help="images per encoder call"),
     threads: int = typer.Option(0, min=0, max=1024, help="CPU threads for the encoder (0 = all)"),
+    device: str = typer.Option("auto", help="auto (a CUDA GPU if visible), cpu or cuda"),
 ) -> None:
     """Extract and cache encoder features (resumable; stale caches are rebuilt)."""
     from captioner.data.prepare import PreparedData, prepare
+    from captioner.devices import resolve_device
     from captioner.features.pipeline import ensure_features
 
     check_choice("--backend", backend, BACKENDS)
+    target = resolve_device(device)  # before preparing anything: a missing GPU changes nothing
     check_choice("--augment-strength", augment_strength, AUGMENT_STRENGTHS)
 
     data = prepare(data_dir, work_dir) if data_dir else PreparedData.load(work_dir)
@@ -141,6 +144,7 @@ def features_cmd(
         augment_seed=seed,
         batch_size=batch_size,
         threads=threads or None,
+        device=target,
     )
     for view, path in dirs.items():
         size = sum(p.stat().st_size for p in path.glob("*.safetensors"))

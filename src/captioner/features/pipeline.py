@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from captioner.data.prepare import PreparedData
 from captioner.features.cache import cache_dir_for, extract_to_cache, is_current, load_cache
 from captioner.features.encoders import get_spec
@@ -34,10 +36,12 @@ def ensure_features(
     batch_size: int = 16,
     threads: int | None = None,
     progress: bool = True,
+    device: torch.device | None = None,
 ) -> dict[int, Path]:
-    """Extract (or resume, or rebuild when stale) the caches; return {view: cache dir}."""
+    """Extract (or resume, or rebuild when stale) the caches; return {view: cache dir}.
+    On a CUDA ``device`` the encoder runs there in PyTorch; on the CPU ``backend`` decides."""
     spec = get_spec(encoder)
-    extractor: FeatureExtractor | None = None
+    extractor = None  # built only when a cache needs extracting
     dirs = {}
     for view in range(augment_views + 1):
         names = split_images(prepared) if view == 0 else prepared.splits.train
@@ -47,7 +51,12 @@ def ensure_features(
             cache_dir, prepared.image_source, names, spec, view=view, augment=augment
         )
         if extractor is None and not current:
-            extractor = FeatureExtractor(encoder, backend, threads)
+            if device is not None and device.type == "cuda":
+                from captioner.features.gpu_encoder import DeviceExtractor
+
+                extractor = DeviceExtractor(encoder, device)
+            else:
+                extractor = FeatureExtractor(encoder, backend, threads)
         if extractor is not None:
             extract_to_cache(
                 prepared.image_source,  # a folder, or tar shards read in place

@@ -132,6 +132,7 @@ def load_training_features(
     augment_seed: int = 0,
     val_images: int = 0,
     progress: bool = True,
+    device: torch.device | None = None,
 ) -> TrainingFeatures:
     """Extract whatever caches are missing, then index the training views and the dev grids
     (the first ``val_images`` dev images, or all of them when 0) for reading on demand:
@@ -144,6 +145,7 @@ def load_training_features(
         augment_strength=augment_strength,
         augment_seed=augment_seed,
         progress=progress,
+        device=device,  # a missing cache is extracted on the GPU when training on one
     )
     splits = prepared.splits
     val_names = splits.val[:val_images] if val_images else splits.val
@@ -306,6 +308,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, restart: bool, log) -> Path:
         augment_strength=cfg.augment_strength,
         augment_seed=cfg.seed,
         val_images=cfg.val_images,
+        device=ctx.device,
     )
     if ctx.is_main:
         prepare_settings = PrepareSettings(num_words=cfg.num_words or None, min_count=cfg.min_count)

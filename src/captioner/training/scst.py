@@ -191,6 +191,7 @@ def train_scst(cfg: ScstConfig, restart: bool = False, log=print) -> Path:
         augment_strength=cfg.augment_strength,
         augment_seed=cfg.seed,
         val_images=cfg.val_images,
+        device=device,
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     save_settings(run_dir / "scst_config.json", cfg, restart)
