@@ -20,6 +20,7 @@ from captioner.data.images import ImageInput, load_image
 from captioner.errors import CheckpointError, ConfigError
 from captioner.features.encoders import preprocess
 from captioner.features.onnx import FeatureExtractor
+from captioner.features.quantize import DEFAULT_PRECISION, check_precision
 from captioner.grounding.grounder import Grounder
 from captioner.model.captioning_model import CaptioningModel
 
@@ -84,13 +85,15 @@ class Captioner:
         backend: str = "auto",
         threads: int | None = None,
         grounder: Grounder | None = None,
+        precision: str = DEFAULT_PRECISION,
     ):
         if backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
         self.model = model
         self.vocab = model.vocab
         self.spec = model.encoder
-        self.extractor = FeatureExtractor(model.encoder.name, backend, threads)
+        self.precision = precision  # of the encoder: fp32, or int8 (features/quantize.py)
+        self.extractor = FeatureExtractor(model.encoder.name, backend, threads, precision)
         self.stepper = model.decoder
         self.grounder = grounder  # concepts, in-domain score and word bias (None: plain model)
         self._concept_head = None  # torch head for grids that come without logits (cache)
@@ -118,8 +121,11 @@ class Captioner:
         backend: str = "auto",
         threads: int | None = None,
     ) -> Captioner:
+        precision: str = DEFAULT_PRECISION,
         """A saved model directory, or the bundled Flickr8k model when ``path`` is None; its
-        grounding (grounding.json + grounding.safetensors) is loaded when it has one."""
+        grounding (grounding.json + grounding.safetensors) is loaded when it has one.
+        ``precision`` "int8" runs the quantised encoder (made by ``captioner export``)."""
+        check_precision(precision)  # before loading anything
         path = resolve_model_path(path)
         model = CaptioningModel.from_pretrained(path)
         grounder = Grounder.from_pretrained(path)
@@ -128,7 +134,7 @@ class Captioner:
                 f"{path}: grounding is for a {grounder.vocab_size}-word vocabulary, the model "
                 f"has {len(model.vocab)}"
             )
-        return cls(model, backend, threads, grounder)
+        return cls(model, backend, threads, grounder, precision)
 
     @property
     def grid_size(self) -> int:

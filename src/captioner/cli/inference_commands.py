@@ -16,6 +16,7 @@ import typer
 
 from captioner.cli.common import EXIT_USER_ERROR, MODEL_HELP, friendly_errors
 from captioner.cli.export_command import check_parity, export_cmd, export_onnx
+from captioner.features.quantize import DEFAULT_PRECISION, PRECISIONS
 from captioner.settings import BACKENDS, check_choice
 
 FORMATS = ("text", "json", "csv", "jsonl", "txt")
@@ -24,6 +25,7 @@ PROGRESS_MIN_IMAGES = 8  # show a progress bar from this many images on
 WORK_DIR_HELP = "prepared work dir (from `captioner prepare`)"
 BACKEND_HELP = "auto (ONNX Runtime, else PyTorch), onnx or torch"
 NO_REPEAT_HELP = "never repeat an n-gram of this size in a caption (0 = off); default: the model's"
+PRECISION_HELP = "encoder precision: fp32, or int8 (made by `captioner export --precision int8`)"
 
 
 def _err(message: str) -> None:
@@ -85,6 +87,7 @@ def caption_cmd(
     ),
     batch_size: int = typer.Option(32, min=1, max=256, help="images per model call"),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
+    precision: str = typer.Option(DEFAULT_PRECISION, help=PRECISION_HELP),
 ) -> None:
     """Caption images, any number of them: decoding overlaps the model and memory stays
     bounded. Unreadable files are reported on stderr and skipped (exit code 1)."""
@@ -100,6 +103,7 @@ def caption_cmd(
         _err("--format txt writes a .txt beside each image: leave out --output")
         raise typer.Exit(EXIT_USER_ERROR)
     check_choice("--backend", backend, BACKENDS)
+    check_choice("--precision", precision, PRECISIONS)
     if not inputs and files_from is None:
         _err("nothing to caption: give image paths, folders, globs or --files-from")
         raise typer.Exit(EXIT_USER_ERROR)
@@ -115,7 +119,7 @@ def caption_cmd(
             typer.echo(f"{output}: cut off a torn last line (an interrupted run)", err=True)
         stats = None
         if work.todo:
-            captioner = Captioner.from_pretrained(model, backend=backend)
+            captioner = Captioner.from_pretrained(model, backend=backend, precision=precision)
             stats = caption_bulk(
                 captioner,
                 inputs or [],
@@ -178,6 +182,7 @@ def predict_cmd(
         Path("predict.png"), "--out", "-o", help="attention figure (PNG) to write"
     ),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
+    precision: str = typer.Option(DEFAULT_PRECISION, help=PRECISION_HELP),
 ) -> None:
     """Caption one image, print it with the human references, draw the per-word attention.
 
@@ -188,9 +193,10 @@ def predict_cmd(
     from captioner.viz.attention import render_attention_figure
 
     check_choice("--backend", backend, BACKENDS)
+    check_choice("--precision", precision, PRECISIONS)
     path, references = _predict_image(image, work_dir, split, seed)
     rgb = load_image(path)
-    captioner = Captioner.from_pretrained(model, backend=backend)
+    captioner = Captioner.from_pretrained(model, backend=backend, precision=precision)
     result = captioner.caption(
         rgb, beam_size=beam_size, max_length=max_length, no_repeat_ngram_size=no_repeat_ngram
     )[0]
@@ -266,12 +272,18 @@ def evaluate_cmd(
     ),
     limit: int = typer.Option(0, min=0, help="only the first N images of the split (0 = all)"),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
+    precision: str = typer.Option(
+        DEFAULT_PRECISION,
+        help="encoder precision: fp32 (feature cache when complete) or int8 (encodes every "
+        "image; calibrated on the work dir's training split if there is no int8 encoder yet)",
+    ),
 ) -> None:
     """Decode a whole split, print BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (0-100), save a report."""
     from captioner.evaluation.evaluate import evaluate
     from captioner.evaluation.metrics import format_scores
 
     check_choice("--backend", backend, BACKENDS)
+    check_choice("--precision", precision, PRECISIONS)
 
     report = evaluate(
         model,
@@ -286,10 +298,11 @@ def evaluate_cmd(
         limit=limit,
         out_dir=out_dir,
         backend=backend,
+        precision=precision,
     )
     typer.echo(
         f"{report['split']}: {report['n_images']} images, beam {report['beam_size']}, "
-        f"features {report['features']}, {report['time_s']:.1f} s"
+        f"{report['precision']} features {report['features']}, {report['time_s']:.1f} s"
     )
     typer.echo(format_scores(report["scores"]))
     typer.echo(f"wrote {report['report_file']}\nwrote {report['results_file']}")

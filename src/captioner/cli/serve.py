@@ -11,6 +11,7 @@ import typer
 
 from captioner.cli.common import friendly_errors
 from captioner.errors import ConfigError
+from captioner.features.quantize import DEFAULT_PRECISION, check_precision
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ def serve(
     backend: str = "auto",
     log_level: str = "info",
     upload_timeout_s: float = 60,
+    precision: str = DEFAULT_PRECISION,
 ) -> None:
     """Load the model (in the app's startup) and serve until interrupted.
 
@@ -50,12 +52,13 @@ def serve(
         decode_threads=decode_threads,
         upload_timeout_s=upload_timeout_s,
     )
+    check_precision(precision)
     check_port(host, port)  # before loading the model: a busy port is an error at once
 
     def load_model():
         from captioner.api import Captioner
 
-        return Captioner.from_pretrained(model, backend=backend)
+        return Captioner.from_pretrained(model, backend=backend, precision=precision)
 
     app = create_app(load_model, settings)
     if not _is_loopback(host):
@@ -173,6 +176,10 @@ def register(app: typer.Typer) -> None:
         upload_timeout: float = typer.Option(
             60.0, min=0.1, max=3600, help="Seconds an upload may take to arrive (slower: 408)."
         ),
+        precision: str = typer.Option(
+            DEFAULT_PRECISION,
+            help="Encoder precision: fp32, or int8 (made by `captioner export --precision int8`).",
+        ),
     ) -> None:
         serve(
             model=model,
@@ -187,4 +194,5 @@ def register(app: typer.Typer) -> None:
             backend=backend,
             log_level=log_level,
             upload_timeout_s=upload_timeout,
+            precision=precision,
         )

@@ -3,10 +3,13 @@
 Scores are computed only on decoded captions (beam search or greedy, exactly what users get),
 never on teacher-forced outputs. The encoder features come from the feature cache when a
 complete one exists for the model's encoder (view 0); otherwise the images are encoded here.
+The cache holds fp32 features, so ``precision="int8"`` always encodes the images, with the int8
+encoder (calibrated on the work dir's training split on first use, when there is none yet).
 
 Two files are written atomically into ``out_dir``:
     report_<split>_beam<k>.json   settings, scores (0-100), timing
     results_<split>_beam<k>.json  COCO results format: [{"image_id": name, "caption": ...}]
+(``..._beam<k>_int8.json`` for the int8 encoder.)
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from captioner.api import Captioner, resolve_model_path
 from captioner.data.prepare import PreparedData
 from captioner.errors import ConfigError, DataError
 from captioner.evaluation.metrics import java_available, score_captions
+from captioner.features.quantize import DEFAULT_PRECISION, check_precision
 from captioner.io import atomic_write_json
 from captioner.progress import progress_bar
 
@@ -32,8 +36,10 @@ def default_out_dir(model: str | os.PathLike | None) -> Path:
     return DEFAULT_EVAL_ROOT / resolve_model_path(model).resolve().name
 
 
-def report_paths(out_dir: Path, split: str, beam_size: int) -> tuple[Path, Path]:
-    stem = f"{split}_beam{beam_size}"
+def report_paths(
+    out_dir: Path, split: str, beam_size: int, precision: str = "fp32"
+) -> tuple[Path, Path]:
+    stem = f"{split}_beam{beam_size}" + ("" if precision == "fp32" else f"_{precision}")
     return out_dir / f"report_{stem}.json", out_dir / f"results_{stem}.json"
 
 
@@ -60,6 +66,20 @@ def _cached_features(captioner: Captioner, prepared: PreparedData, names: list[s
     return features.index_select(0, torch.tensor([index[n] for n in names], dtype=torch.long))
 
 
+def _ensure_int8_encoder(model_path: Path, work_dir: str | os.PathLike) -> None:
+    """No int8 encoder yet: calibrate one on the work dir's training photos (never test)."""
+    from captioner.features.quantize import (
+        calibration_from_prepared,
+        default_int8_encoder,
+        quantize_encoder,
+    )
+    from captioner.model.captioning_model import CaptioningModel
+
+    encoder = CaptioningModel.from_pretrained(model_path).encoder.name
+    if default_int8_encoder(encoder) is None:
+        quantize_encoder(encoder, calibration_from_prepared(work_dir, "train"))
+
+
 def evaluate(
     model: str | os.PathLike | Captioner | None,
     work_dir: str | os.PathLike,
@@ -76,6 +96,7 @@ def evaluate(
     backend: str = "auto",
     use_cache: bool = True,
     progress: bool = True,
+    precision: str = DEFAULT_PRECISION,
 ) -> dict:
     """Caption every image of ``split`` of the prepared ``work_dir``, score, write, return report.
 
@@ -83,11 +104,13 @@ def evaluate(
     ``limit`` > 0 evaluates only the first ``limit`` images of the split (a quick check).
     ``use_java`` is passed to :func:`score_captions` (None: Java if available). ``out_dir``
     defaults to ``runs/eval/<model directory name>`` (``runs/eval/captioner`` for a Captioner).
+    ``precision`` is the encoder's (a loaded Captioner brings its own).
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     if limit < 0:
         raise ConfigError(f"limit must be 0 (all) or positive, got {limit}")
+    check_precision(precision)
     start = time.perf_counter()
     if isinstance(model, Captioner):
         captioner, model_name = model, "captioner"
@@ -96,7 +119,10 @@ def evaluate(
         model_path = resolve_model_path(model)
         model_name = str(model_path)
         out_dir = Path(out_dir) if out_dir is not None else default_out_dir(model_path)
-        captioner = Captioner.from_pretrained(model_path, backend=backend)
+        if precision == "int8":
+            _ensure_int8_encoder(model_path, work_dir)
+        captioner = Captioner.from_pretrained(model_path, backend=backend, precision=precision)
+    precision = captioner.precision
     prepared = PreparedData.load(work_dir)
     names = list(prepared.splits[split])
     if limit:
@@ -113,7 +139,8 @@ def evaluate(
     beam_size, max_length = settings["beam_size"], settings["max_length"]
     length_penalty = settings["length_penalty"]
     no_repeat_ngram_size = settings["no_repeat_ngram_size"]
-    features = _cached_features(captioner, prepared, names) if use_cache else None
+    cacheable = use_cache and precision == "fp32"  # the cache holds fp32 encoder output
+    features = _cached_features(captioner, prepared, names) if cacheable else None
     options = dict(
         beam_size=beam_size,
         max_length=max_length,
@@ -146,7 +173,7 @@ def evaluate(
 
     references = {n: prepared.captions[n] for n in names}
     scores = score_captions(references, predictions, use_java=use_java)
-    report_path, results_path = report_paths(out_dir, split, beam_size)
+    report_path, results_path = report_paths(out_dir, split, beam_size, precision)
     report = {
         "model": model_name,
         "work_dir": str(work_dir),
@@ -159,6 +186,8 @@ def evaluate(
         "no_repeat_ngram_size": no_repeat_ngram_size,
         "encoder": captioner.spec.name,
         "backend": captioner.backend,
+        "precision": precision,
+        "encoder_file": getattr(captioner.extractor.encoder_file, "name", None),
         "features": "cache" if features is not None else "encoded",
         "tokenizer": "java-ptb" if java_available() and use_java is not False else "python-ptb",
         "scores": scores,

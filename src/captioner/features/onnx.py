@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from captioner.errors import ConfigError
 from captioner.features.encoders import EncoderSpec, GridAndConcepts, build_encoder, get_spec
 from captioner.io import atomic_path
 
@@ -74,16 +75,37 @@ def ort_session(path: Path, threads: int | None = None):
 
 
 class FeatureExtractor:
-    """Preprocessed (B, 3, S, S) float32 -> (B, P, C) float32 features, by ORT or torch."""
+    """Preprocessed (B, 3, S, S) float32 -> (B, P, C) float32 features, by ORT or torch.
 
-    def __init__(self, name: str, backend: str = "auto", threads: int | None = None):
+    ``precision="int8"`` runs the statically quantised export (features/quantize.py) that
+    ``captioner export --precision int8`` made default; it needs ONNX Runtime, so it never falls
+    back to PyTorch (that would quietly be fp32)."""
+
+    def __init__(
+        self,
+        name: str,
+        backend: str = "auto",
+        threads: int | None = None,
+        precision: str = "fp32",
+    ):
+        from captioner.features.quantize import check_precision, require_int8_encoder
+
         self.spec: EncoderSpec = get_spec(name)
         self.backend = backend
+        self.precision = check_precision(precision)
+        self.encoder_file: Path | None = None  # the ONNX file in use (None: PyTorch)
         self._session = None
         self._torch = None
-        if backend in ("auto", "onnx"):
+        if precision == "int8":
+            if backend == "torch":
+                raise ConfigError("int8 runs on ONNX Runtime: use backend auto or onnx")
+            self.encoder_file = require_int8_encoder(name)
+            self._session = ort_session(self.encoder_file, threads)
+            self.backend = "onnx"
+        elif backend in ("auto", "onnx"):
             try:
-                self._session = ort_session(export_encoder(name), threads)
+                self.encoder_file = export_encoder(name)
+                self._session = ort_session(self.encoder_file, threads)
                 self.backend = "onnx"
             except Exception as exc:  # noqa: BLE001 - any ORT/export failure falls back
                 if backend == "onnx":
