@@ -575,3 +575,139 @@ def test_beam_size_1_is_greedy_with_blocking(cell):
     assert tokens(beam) == tokens(greedy)
     for g, b in zip(greedy, beam, strict=True):
         assert b.score == g.score
+
+
+# ---- the fused ONNX Runtime search step ----------------------------------------------------
+class PlainStepper:
+    """The same stepper through the Stepper protocol only (its fused step hidden)."""
+
+    def __init__(self, stepper):
+        self.stepper = stepper
+
+    def start(self, features):
+        return self.stepper.start(features)
+
+    def step(self, tokens, state, memory):
+        return self.stepper.step(tokens, state, memory)
+
+
+@pytest.fixture(scope="module", params=["gru", "lstm"])
+def ort_decoder(request, tmp_path_factory):
+    """(torch decoder, its OrtStepper with the fused search graph, features)."""
+    from captioner.model.onnx_decoder import OrtStepper, export_decoder
+
+    decoder, features = real_decoder(request.param)
+    out = tmp_path_factory.mktemp(f"onnx-{request.param}")
+    export_decoder(decoder, out)
+    stepper = OrtStepper(out, request.param, threads=1)
+    assert stepper.fused and stepper.vocab_size == decoder.config.vocab_size
+    return decoder, stepper, features
+
+
+def assert_same_search(got: list[DecodeResult], want: list[DecodeResult], atol=1e-4) -> None:
+    assert tokens(got) == tokens(want)
+    for g, w in zip(got, want, strict=True):
+        assert [ids for ids, _ in g.alternatives] == [ids for ids, _ in w.alternatives]
+        assert g.score == pytest.approx(w.score, abs=atol)
+        np.testing.assert_allclose(g.alphas, w.alphas, atol=atol)
+
+
+def grounding_bias(features: torch.Tensor, V: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A per-image bias with large bonuses and penalties, and word groups of two."""
+    g = torch.Generator().manual_seed(5)
+    bias = 3.0 * torch.randn(features.size(0), V, generator=g)  # (B, V)
+    return bias, torch.arange(V) // 2
+
+
+@pytest.mark.parametrize("beam_size", [1, 3, 5])
+def test_fused_ort_search_matches_the_torch_decoder(ort_decoder, beam_size):
+    decoder, stepper, features = ort_decoder
+    want = beam_search(decoder, features, beam_size=beam_size)
+    assert_same_search(beam_search(stepper, features, beam_size=beam_size), want)
+    assert_same_search(beam_search(PlainStepper(stepper), features, beam_size=beam_size), want)
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_fused_ort_search_with_word_bias_and_groups_matches_torch(ort_decoder, beam_size):
+    decoder, stepper, features = ort_decoder
+    bias, groups = grounding_bias(features, decoder.config.vocab_size)
+    settings = dict(beam_size=beam_size, word_bias=bias, bias_groups=groups, suppress_unk=True)
+    want = beam_search(decoder, features, **settings)
+    assert tokens(want) != tokens(beam_search(decoder, features, beam_size=beam_size))
+    assert_same_search(beam_search(stepper, features, **settings), want)
+    # without groups, each token spends only its own bonus
+    no_groups = dict(settings, bias_groups=None)
+    assert_same_search(
+        beam_search(stepper, features, **no_groups), beam_search(decoder, features, **no_groups)
+    )
+
+
+def test_fused_ort_greedy_is_beam_1_and_matches_torch_greedy(ort_decoder):
+    decoder, stepper, features = ort_decoder
+    bias, groups = grounding_bias(features, decoder.config.vocab_size)
+    for extra in ({}, {"word_bias": bias, "bias_groups": groups}):
+        greedy = greedy_decode(stepper, features, **extra)
+        beam = beam_search(stepper, features, beam_size=1, **extra)
+        assert tokens(greedy) == tokens(beam)
+        for g, b in zip(greedy, beam, strict=True):
+            assert (g.score, g.alternatives) == (b.score, b.alternatives)
+            np.testing.assert_array_equal(g.alphas, b.alphas)
+        assert_same_search(greedy, greedy_decode(decoder, features, **extra))
+
+
+def test_fused_ort_batch_gives_what_each_image_gives_alone(ort_decoder):
+    decoder, stepper, features = ort_decoder
+    bias, groups = grounding_bias(features, decoder.config.vocab_size)
+    together = beam_search(stepper, features, beam_size=3, word_bias=bias, bias_groups=groups)
+    alone = [
+        beam_search(
+            stepper, features[i : i + 1], beam_size=3, word_bias=bias[i : i + 1], bias_groups=groups
+        )[0]
+        for i in range(len(features))
+    ]
+    assert_same_search(together, alone, atol=1e-5)
+    assert len({len(ids) for ids in tokens(together)}) > 1  # images finish at different steps
+
+
+def test_fused_ort_ties_go_to_the_lowest_token_id(tmp_path):
+    """All logits equal: every candidate ties, and the fused TopK must rank them as the plain
+    path's stable sort does (lowest row, then word)."""
+    from captioner.model.onnx_decoder import OrtStepper, export_decoder
+
+    decoder, features = real_decoder("gru")
+    with torch.no_grad():
+        decoder.out_vocab.weight.zero_()
+        decoder.out_vocab.bias.zero_()
+    export_decoder(decoder, tmp_path)
+    stepper = OrtStepper(tmp_path, "gru", threads=1)
+    for k in (1, 2, 5):
+        settings = dict(beam_size=k, max_length=3, length_penalty=0.0)
+        got = beam_search(stepper, features[:2], **settings)
+        want = beam_search(decoder, features[:2], **settings)
+        assert [r.alternatives for r in got] == [r.alternatives for r in want]
+        assert got[0].token_ids == []  # <end>: the lowest id that may be emitted, and short
+
+
+def test_fused_ort_search_with_fewer_candidates_than_beams(tmp_path):
+    """A 6-word vocabulary and 8 beams: the first step has fewer candidates than slots."""
+    from captioner.model.onnx_decoder import OrtStepper, export_decoder
+
+    decoder, features = real_decoder("gru", vocab_size=6)
+    export_decoder(decoder, tmp_path)
+    stepper = OrtStepper(tmp_path, "gru", threads=1)
+    got = beam_search(stepper, features, beam_size=8, max_length=3)
+    want = beam_search(decoder, features, beam_size=8, max_length=3)
+    assert_same_search(got, want)
+    assert all(len(r.alternatives) == 8 for r in got)
+
+
+def test_an_export_without_the_search_graph_takes_the_plain_path(ort_decoder, tmp_path):
+    """`captioner export` folders (and older exports) have no decoder_search.onnx."""
+    from captioner.model.onnx_decoder import OrtStepper, export_decoder
+
+    decoder, stepper, features = ort_decoder
+    export_decoder(decoder, tmp_path)
+    (tmp_path / "decoder_search.onnx").unlink()
+    plain = OrtStepper(tmp_path, decoder.config.cell, threads=1)
+    assert not plain.fused
+    assert_same_search(beam_search(plain, features), beam_search(stepper, features))

@@ -26,7 +26,7 @@ from captioner.features.onnx import _quiet_export, cache_root, ort_session
 from captioner.io import atomic_path
 from captioner.model.decoder import ShowAttendTellDecoder
 
-EXPORT_VERSION = 3  # bump when the exported graphs change
+EXPORT_VERSION = 4  # bump when the exported graphs change
 
 
 class _Start(nn.Module):
@@ -217,6 +217,10 @@ class OrtStepper:
         # decoding then drives ``step``)
         search = onnx_dir / "decoder_search.onnx"
         self.search_session = ort_session(search, threads) if search.is_file() else None
+        self.vocab_size = 0  # V, from the search graph's ``bias`` input (N, V)
+        if self.search_session is not None:
+            (bias,) = [i for i in self.search_session.get_inputs() if i.name == "bias"]
+            self.vocab_size = int(bias.shape[1])
         self._search_outputs = [
             "values",
             "index",
@@ -229,11 +233,6 @@ class OrtStepper:
         """Whether :meth:`search_step` is available (decoding checks this)."""
         return self.search_session is not None
 
-    @property
-    def vocab_size(self) -> int:
-        """V, from the search graph's ``bias`` input (n, V)."""
-        (bias,) = [i for i in self.search_session.get_inputs() if i.name == "bias"]
-        return int(bias.shape[1])
 
     def search_start(self, features: torch.Tensor) -> tuple[tuple[np.ndarray, ...], tuple]:
         """features (B, P, C) -> memory (feats, keys) and state as numpy arrays, batch first."""
