@@ -235,3 +235,20 @@ def test_evaluate_int8_encodes_the_images_even_with_a_complete_cache(
     assert Path(int8["report_file"]).name == "report_val_beam1_int8.json"
     assert (tmp_path / "eval" / "report_val_beam1.json").is_file()  # fp32 report kept
     assert calibration_from_prepared(work).digest[:12] in made.name
+
+
+def test_export_refuses_an_int8_encoder_far_from_fp32(
+    fresh_cache, tiny_model_dir, calibration_dir, tmp_path, monkeypatch
+):
+    def far(*args, **kwargs):
+        return {"correlation": 0.5, "relative_error": 0.9, "top1_agreement": 0.1}
+
+    monkeypatch.setattr(quantize, "agreement", far)
+    out = tmp_path / "onnx"
+    result = run(
+        "export", "-m", tiny_model_dir, "-o", out, "--precision", "int8",
+        "--calibration-dir", calibration_dir,
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "far from fp32" in result.output
+    assert default_int8_encoder(ENCODER) is None and not out.exists()
