@@ -215,8 +215,18 @@ def main() -> None:
                 )
             if scale == 1:
                 ram, store = rows[-2], rows[-1]
-                same = ram["losses"] == store["losses"]
-                print(f"  per-step losses identical (ram vs store, {len(ram['losses'])}): {same}")
+                pairs = list(zip(ram["losses"], store["losses"], strict=True))
+                differ = [i for i, (a, b) in enumerate(pairs) if a != b]
+                worst = max(abs(a - b) for a, b in pairs)
+                print(
+                    f"  per-step losses (ram vs store, {len(pairs)} steps): "
+                    + (
+                        "identical"
+                        if not differ
+                        else f"first differ at step {differ[0]}, max |diff| {worst:.2e}"
+                    ),
+                    flush=True,
+                )
             if not args.keep:
                 shutil.rmtree(folder)
     finally:
