@@ -5,7 +5,11 @@ max_length=20)``, which decodes the JPEG, preprocesses it, runs the encoder and 
 caption (attention maps included, as the CLI and the web app ask for them).
 
 - ours:     ``Captioner(model, backend="onnx")``: encoder and decoder steps in ONNX Runtime;
-- baseline: ``Captioner(model, backend="torch")``: the same model in PyTorch eager.
+- baseline: ``Captioner(model, backend="torch")``: the same model in PyTorch eager;
+- with ``--compare-plain``, also "ONNX Runtime, plain step": the ONNX path with the fused
+  search step (decoder_search.onnx) hidden, so beam search drives the plain step graph and
+  does the log-softmax, bias and top-k in torch, with the memory expanded to the beams (the
+  path before the fused step), interleaved with the others in the same run.
 
 Both are built from the same loaded model, with the same ``--threads`` (ORT intra-op threads and
 ``torch.set_num_threads``; beam bookkeeping runs in torch on both paths). For each of
@@ -95,6 +99,19 @@ def describe_model(path: Path, model) -> str:
         f"{path} - {model.encoder.name} + {d.cell.upper()} decoder (hidden {d.hidden_dim}, "
         f"vocabulary {d.vocab_size}); {trained}"
     )
+
+
+class PlainStepper:
+    """An OrtStepper through the Stepper protocol only: decoding takes the plain path."""
+
+    def __init__(self, stepper) -> None:
+        self.stepper = stepper
+
+    def start(self, features):
+        return self.stepper.start(features)
+
+    def step(self, tokens, state, memory):
+        return self.stepper.step(tokens, state, memory)
 
 
 class Backend:
@@ -187,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
         help="untimed pause in seconds before each timed call (0.02)",
     )
     p.add_argument(
+        "--compare-plain",
+        action="store_true",
+        help="also time the ONNX path without its fused search step (interleaved)",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="10 images, 1 batch, 3-image breakdown: a fast end-to-end check",
@@ -234,6 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     ours = Backend("ONNX Runtime (ours)", Captioner(model, backend="onnx", threads=args.threads))
     eager = Backend("PyTorch eager", Captioner(model, backend="torch", threads=args.threads))
+    backends = [ours, eager]
+    if args.compare_plain:
+        plain = Captioner(model, backend="onnx", threads=args.threads)
+        plain.stepper = PlainStepper(plain.stepper)
+        backends.insert(1, Backend("ONNX Runtime, plain step", plain))
     torch.set_num_threads(args.threads)  # the torch extractor sets it too; keep it explicit
     print(
         f"setup: {time.perf_counter() - t0:.1f} s (backends {ours.captioner.backend!r} and "
@@ -243,23 +270,23 @@ def main(argv: list[str] | None = None) -> int:
 
     warm, timed = paths[: args.warmup], paths[args.warmup : args.warmup + args.images]
     for path in warm:
-        for backend in (ours, eager):
+        for backend in backends:
             time.sleep(args.pause)
             backend.one(path, args.beam, args.max_length, record=False)
     t0 = time.perf_counter()
     for i, path in enumerate(timed):
-        for backend in (ours, eager) if i % 2 == 0 else (eager, ours):
+        for backend in backends if i % 2 == 0 else backends[::-1]:
             time.sleep(args.pause)
             backend.one(path, args.beam, args.max_length)
     for b in range(batches):
         chunk = [paths[(b * args.batch_size + j) % len(paths)] for j in range(args.batch_size)]
-        for backend in (ours, eager) if b % 2 == 0 else (eager, ours):
+        for backend in backends if b % 2 == 0 else backends[::-1]:
             time.sleep(args.pause)
             backend.batch(chunk, args.beam, args.max_length)
     print(f"timed: {time.perf_counter() - t0:.1f} s\n", flush=True)
 
     rows = []
-    for backend in (ours, eager):
+    for backend in backends:
         ms = np.asarray(backend.latencies) * 1000
         p50, p95 = np.percentile(ms, [50, 95])
         rows.append(
@@ -296,6 +323,15 @@ def main(argv: list[str] | None = None) -> int:
         f"\neager / ORT: **{p50[1] / p50[0]:.2f}x** at p50, {thr[0] / thr[1]:.2f}x batched "
         f"throughput; identical captions {same}/{len(ours.captions)}"
     )
+    if args.compare_plain:
+        plain = backends[1]
+        p50_plain = np.percentile(plain.latencies, 50)
+        thr_plain = plain.batch_images / plain.batch_seconds
+        same_plain = sum(a == b for a, b in zip(ours.captions, plain.captions, strict=True))
+        print(
+            f"plain step / fused step: {p50_plain / p50[0]:.2f}x at p50, {thr[0] / thr_plain:.2f}x "
+            f"batched throughput; identical captions {same_plain}/{len(ours.captions)}"
+        )
     untrained = not isinstance(read_json(Path(model_path) / "config.json").get("extra"), dict)
     if untrained and same < len(ours.captions):
         print(
@@ -305,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.breakdown:
         stage_rows = []
-        for backend in (ours, eager):
+        for backend in backends:
             stages = []
             for path in paths[: args.breakdown]:
                 time.sleep(args.pause)
