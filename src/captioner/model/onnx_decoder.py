@@ -233,7 +233,6 @@ class OrtStepper:
         """Whether :meth:`search_step` is available (decoding checks this)."""
         return self.search_session is not None
 
-
     def search_start(self, features: torch.Tensor) -> tuple[tuple[np.ndarray, ...], tuple]:
         """features (B, P, C) -> memory (feats, keys) and state as numpy arrays, batch first."""
         feats, keys, *state = self.start_session.run(None, {"features": features.float().numpy()})
