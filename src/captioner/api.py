@@ -21,7 +21,7 @@ from captioner.errors import CheckpointError, ConfigError
 from captioner.features.encoders import preprocess
 from captioner.features.onnx import FeatureExtractor
 from captioner.features.quantize import DEFAULT_PRECISION, check_precision
-from captioner.grounding.grounder import Grounder
+from captioner.grounding.grounder import Grounder, word_groups
 from captioner.model.captioning_model import CaptioningModel
 
 DEFAULT_MODEL = "flickr8k"
@@ -92,10 +92,11 @@ class Captioner:
         self.model = model
         self.vocab = model.vocab
         self.spec = model.encoder
-        self.precision = precision  # of the encoder: fp32, or int8 (features/quantize.py)
         self.extractor = FeatureExtractor(model.encoder.name, backend, threads, precision)
+        self.precision = self.extractor.precision  # fp32 or int8 ("auto" resolved)
         self.stepper = model.decoder
         self.grounder = grounder  # concepts, in-domain score and word bias (None: plain model)
+        self._bias_groups = word_groups(self.vocab.itos)  # (V,) "cat" and "cats" share a bonus
         self._concept_head = None  # torch head for grids that come without logits (cache)
         self.backend = "torch"
         if backend in ("auto", "onnx"):
@@ -120,8 +121,8 @@ class Captioner:
         path: str | os.PathLike | None = None,
         backend: str = "auto",
         threads: int | None = None,
-    ) -> Captioner:
         precision: str = DEFAULT_PRECISION,
+    ) -> Captioner:
         """A saved model directory, or the bundled Flickr8k model when ``path`` is None; its
         grounding (grounding.json + grounding.safetensors) is loaded when it has one.
         ``precision`` "int8" runs the quantised encoder (made by ``captioner export``)."""
@@ -278,6 +279,7 @@ class Captioner:
                     length_penalty=length_penalty,
                     no_repeat_ngram_size=no_repeat_ngram_size,
                     word_bias=word_bias,
+                    bias_groups=self._bias_groups,
                     **ids,
                 )
             else:
@@ -290,6 +292,7 @@ class Captioner:
                     suppress_unk=suppress_unk,
                     no_repeat_ngram_size=no_repeat_ngram_size,
                     word_bias=word_bias,
+                    bias_groups=self._bias_groups,
                     **ids,
                 )
         side = self.grid_size

@@ -216,3 +216,77 @@ def test_grounded_captioner_end_to_end(shapes_prepared, tiny_model_dir, tmp_path
     base = plain.caption(images, beam_size=2, max_length=6)
     assert [r.caption for r in off] == [r.caption for r in base]
     assert base[0].in_domain is None and base[0].concepts == []
+
+
+@pytest.mark.parametrize("decode", ["greedy", "beam"])
+def test_positive_bias_is_spent_once_emitted(decode):
+    """A bonus large enough to win every step names its word once, not at every step."""
+    stepper, feats = _stepper(), torch.zeros(2, 4, 2)
+    stepper.table[:, 2] = -30.0  # never <end>: every caption runs to max_length
+    stepper.table[[5, 6], 5] = stepper.table[[5, 6], 6] = -20.0  # unlikely after themselves
+    bias = torch.zeros(2, 8)
+    bias[:, 5] = 50.0
+    run = greedy_decode if decode == "greedy" else beam_search
+    out = run(stepper, feats, max_length=6, word_bias=bias)
+    for r in out:
+        assert r.token_ids[0] == 5
+        assert r.token_ids[1] != 5  # spent: a bias kept at +50 would repeat it
+    groups = torch.arange(8)
+    groups[6] = 5  # token 6 is token 5's plural: one bonus for both
+    bias[:, 6] = 50.0
+    out = run(stepper, feats, max_length=3, word_bias=bias, bias_groups=groups)
+    for r in out:
+        assert r.token_ids[0] in (5, 6) and r.token_ids[1] not in (5, 6)
+
+
+def test_negative_bias_is_never_spent():
+    stepper, feats = _stepper(), torch.zeros(1, 4, 2)
+    plain = greedy_decode(stepper, feats, max_length=6)[0].token_ids
+    banned = plain[0]
+    bias = torch.zeros(1, 8)
+    bias[0, banned] = -100.0
+    out = greedy_decode(stepper, feats, max_length=6, word_bias=bias)[0].token_ids
+    assert banned not in out
+
+
+def test_word_groups_join_plurals():
+    from captioner.grounding.grounder import word_groups
+
+    words = ["<pad>", "cat", "cats", "puppy", "puppies", "grass"]
+    groups = word_groups(words).tolist()
+    assert groups[1] == groups[2] and groups[3] == groups[4]
+    assert len({groups[1], groups[3], groups[5]}) == 3
+
+
+def test_object_words_come_from_wordnet_lexicographer_files():
+    from captioner.features.concepts import is_object_word, load_object_words
+
+    objects = load_object_words()
+    for word in ("man", "dogs", "water", "beach", "shirt"):
+        assert is_object_word(word, objects), word
+    for word in ("is", "standing", "black", "running", "the"):
+        assert not is_object_word(word, objects), word
+
+
+def test_object_word_list_errors_are_clear(tmp_path):
+    from captioner.errors import ConfigError
+    from captioner.features.concepts import load_object_words
+
+    bad = tmp_path / "objects.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="object word list"):
+        load_object_words(bad)
+
+
+def test_out_of_domain_penalises_unnamed_object_words_only():
+    """Out of domain, a word the concepts do not name at all gets log(eps) (times the
+    strength); in domain, a word outside the in-domain set gets nothing."""
+    grounder = _grounder()
+    grounder.in_domain_words = np.array([True, False])  # "dog" is biased out of domain only
+    logits = np.full((1, 1000), -10.0)
+    logits[0, 0] = 10.0  # a cat
+    inside = grounder.log_ratios(logits, np.array([1.0]))
+    outside = grounder.log_ratios(logits, np.array([0.0]))
+    assert inside[0, 1] == 0.0
+    assert outside[0, 1] == pytest.approx(np.log(grounder.config.epsilon), abs=1e-3)
+    assert outside[0, 0] > 0  # the cat is named: its bonus outweighs its small penalty

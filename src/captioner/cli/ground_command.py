@@ -55,7 +55,10 @@ def ground_cmd(
         if target.exists() and any(target.iterdir()):
             raise typer.BadParameter(f"--out {target} exists and is not empty")
         shutil.copytree(source, target, dirs_exist_ok=True)
-    captioner = Captioner.from_pretrained(target)
+    from captioner.model.captioning_model import CaptioningModel
+
+    # the model alone: a grounding already there is replaced, never needed (nor trusted)
+    captioner = Captioner(CaptioningModel.from_pretrained(target))
     prepared = PreparedData.load(work_dir)
     config = GroundingConfig(ood_strength=ood_strength, strength=tried[0])
     grounder, report = fit_grounding(

@@ -171,3 +171,26 @@ def _word_list(value: object, nonempty: bool) -> bool:
         and (bool(value) or not nonempty)
         and all(isinstance(w, str) and w for w in value)
     )
+
+
+OBJECT_WORDS = "object_words.json"
+
+
+def load_object_words(path: str | Path | None = None) -> set[str]:
+    """English nouns that name visible things (people, animals, artefacts, places...), from
+    WordNet's lexicographer files (scripts/make_object_words.py): the words grounding may call
+    hallucinated when the concepts do not name them."""
+    try:
+        if path is None:
+            text = (resources.files("captioner.features") / OBJECT_WORDS).read_text("utf-8")
+        else:
+            text = Path(path).read_text(encoding="utf-8")
+        groups = json.loads(text)["words"]
+        return {w for words in groups.values() for w in words}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"object word list {path or OBJECT_WORDS} is unreadable ({exc})") from exc
+
+
+def is_object_word(word: str, object_words: set[str]) -> bool:
+    """The word or one of its singular forms ("dogs", "puppies") is an object word."""
+    return any(form in object_words for form in _singulars(word))

@@ -16,7 +16,7 @@ import torch
 from captioner.data.prepare import PreparedData
 from captioner.data.vocab import Vocabulary, tokenize
 from captioner.errors import DataError
-from captioner.features.concepts import ImageNetConcepts
+from captioner.features.concepts import ImageNetConcepts, is_object_word, load_object_words
 from captioner.features.encoders import concept_head
 from captioner.grounding.domain import DEFAULT_COMPONENTS, DomainScorer
 from captioner.grounding.grounder import Grounder, GroundingConfig
@@ -108,7 +108,16 @@ def fit_grounding(
     named = lexicon_all.sum(axis=0) > 0  # (V,) words that name some ImageNet class
     learnt = np.zeros(len(vocab), dtype=bool)
     learnt[candidates[np.nan_to_num(auc) >= config.min_auc]] = True
-    word_ids = np.flatnonzero(learnt | named)
+    # out of domain, the object words (WordNet nouns for visible things) the concepts do not
+    # name are penalised, rare ones included; not the ones frequent yet unpredictable from the
+    # photo, which captions use as function words ("in front of", "on top of")
+    function = np.zeros(len(vocab), dtype=bool)
+    function[candidates[np.nan_to_num(auc, nan=0.5) < config.min_auc]] = True
+    objects = load_object_words()
+    content = np.array([is_object_word(w, objects) for w in vocab.itos]) & ~function
+    content[:4] = False
+    word_ids = np.flatnonzero(content | named)
+    in_domain_words = (learnt | named)[word_ids]
     table = ConceptWordTable.fit(train.logits, y_train[:, word_ids], temperature, prior)
     components = min(DEFAULT_COMPONENTS, len(train.names) // 2)  # small data sets: fewer dirs
     domain = DomainScorer.fit(train.pooled, dev.pooled, components, config.threshold)
@@ -120,14 +129,25 @@ def fit_grounding(
     )
     lexicon = lexicon_all[:, word_ids]
     grounder = Grounder(
-        config, word_ids, table, lexicon, np.zeros(len(word_ids)), domain, len(vocab), concepts
+        config,
+        word_ids,
+        table,
+        lexicon,
+        np.zeros(len(word_ids)),
+        domain,
+        len(vocab),
+        concepts,
+        in_domain_words,
     )
-    grounder.base_rate = grounder.evidence(train.logits, np.ones(len(train.names)), False).mean(0)
+    grounder.base_rate = grounder.evidence(train.logits).mean(axis=0)
     report = {
         "temperature": temperature,
         "prior": prior,
         "dev_mean_auc": round(mean_auc, 4),
         "biased_words": len(word_ids),
+        "biased_in_domain": int(in_domain_words.sum()),
+        "function_words": int(function.sum()),
+        "object_words": int(content.sum()),
         "learnt_words": int(learnt.sum()),
         "lexicon_words": int(named.sum()),
         "train_images": len(train.names),
