@@ -30,6 +30,23 @@ def run(*args):
     return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
 
 
+def _cache_with_fp32_export(cache: Path) -> Path:
+    fp32 = export_encoder(ENCODER)
+    (cache / "onnx").mkdir(parents=True)
+    shutil.copy(fp32, cache / "onnx" / fp32.name)
+    return cache
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_cache(tmp_path_factory):
+    """This module's own cache: the int8 defaults made here must not turn the other test
+    modules' precision="auto" Captioners into int8 ones."""
+    cache = _cache_with_fp32_export(tmp_path_factory.mktemp("int8-cache"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CAPTIONER_CACHE", str(cache))
+        yield cache
+
+
 @pytest.fixture(scope="module")
 def calibration_dir(shapes_prepared, tmp_path_factory) -> Path:
     """12 training images of the shapes dataset, in a folder of their own."""
@@ -48,10 +65,7 @@ def int8_file(calibration_dir) -> Path:
 @pytest.fixture()
 def fresh_cache(monkeypatch, tmp_path) -> Path:
     """A cache with the fp32 encoder export in it but no int8 encoder."""
-    fp32 = export_encoder(ENCODER)
-    cache = tmp_path / "cache"
-    (cache / "onnx").mkdir(parents=True)
-    shutil.copy(fp32, cache / "onnx" / fp32.name)
+    cache = _cache_with_fp32_export(tmp_path / "cache")
     monkeypatch.setenv("CAPTIONER_CACHE", str(cache))
     return cache
 
@@ -103,7 +117,7 @@ def test_unknown_precision_is_a_clear_error(tiny_model_dir, shapes_prepared, tmp
     from captioner.api import Captioner
     from captioner.cli.serve import serve
 
-    with pytest.raises(ConfigError, match="fp32, int8"):
+    with pytest.raises(ConfigError, match="auto, fp32, int8"):
         check_precision("int4")
     with pytest.raises(ConfigError, match="precision"):
         FeatureExtractor(ENCODER, precision="fp16")
@@ -252,3 +266,17 @@ def test_export_refuses_an_int8_encoder_far_from_fp32(
     assert result.exit_code == 1, result.output
     assert "far from fp32" in result.output
     assert default_int8_encoder(ENCODER) is None and not out.exists()
+
+
+def test_auto_precision_is_int8_once_there_is_an_int8_encoder(
+    fresh_cache, tiny_model_dir, calibration_dir
+):
+    from captioner.api import Captioner
+
+    assert Captioner.from_pretrained(tiny_model_dir).precision == "fp32"  # none yet
+    made = quantize_encoder(ENCODER, calibration_from_dir(calibration_dir))
+    captioner = Captioner.from_pretrained(tiny_model_dir)  # precision="auto", the default
+    assert captioner.precision == "int8" and captioner.extractor.encoder_file == made
+    assert Captioner.from_pretrained(tiny_model_dir, precision="fp32").precision == "fp32"
+    assert FeatureExtractor(ENCODER, backend="torch", precision="auto").precision == "fp32"
+    assert FeatureExtractor(ENCODER).precision == "fp32"  # the feature cache's: always fp32

@@ -7,11 +7,8 @@ from pathlib import Path
 import typer
 
 from captioner.cli.common import MODEL_HELP, friendly_errors
-from captioner.features.quantize import (
-    DEFAULT_CALIBRATION_IMAGES,
-    DEFAULT_PRECISION,
-    check_precision,
-)
+from captioner.features.quantize import DEFAULT_CALIBRATION_IMAGES
+from captioner.settings import check_choice
 
 # of int8 and fp32 grids on the calibration photos: 300 Flickr8k ones give 0.985, a dozen
 # synthetic ones 0.94; a broken quantisation is far below
@@ -35,7 +32,7 @@ def export_cmd(
         help="largest accepted ONNX-vs-PyTorch difference, relative to the output scale",
     ),
     precision: str = typer.Option(
-        DEFAULT_PRECISION,
+        "fp32",
         help="encoder precision: fp32, or int8 (static quantisation, calibrated on photos; "
         "also becomes the int8 encoder that --precision int8 elsewhere loads)",
     ),
@@ -65,7 +62,7 @@ def export_cmd(
 
     if not tolerance > 0:
         raise ConfigError(f"--tolerance must be greater than 0, not {tolerance!r}")
-    check_precision(precision)
+    check_choice("--precision", precision, ("fp32", "int8"))
     if precision == "fp32" and (calibration_dir or calibration_list):
         raise ConfigError("--calibration-dir/--calibration-list are for --precision int8")
     if calibration_list is not None and calibration_dir is None:

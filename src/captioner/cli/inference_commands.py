@@ -25,7 +25,9 @@ PROGRESS_MIN_IMAGES = 8  # show a progress bar from this many images on
 WORK_DIR_HELP = "prepared work dir (from `captioner prepare`)"
 BACKEND_HELP = "auto (ONNX Runtime, else PyTorch), onnx or torch"
 NO_REPEAT_HELP = "never repeat an n-gram of this size in a caption (0 = off); default: the model's"
-PRECISION_HELP = "encoder precision: fp32, or int8 (made by `captioner export --precision int8`)"
+PRECISION_HELP = (
+    "encoder: fp32, int8 (made by `captioner export --precision int8`) or auto (int8 if made)"
+)
 
 
 def _err(message: str) -> None:
@@ -37,6 +39,20 @@ FORMAT_HELP = (
     "(one record per image, appended per chunk and resumed with --output), or txt (a sidecar "
     "photo.txt beside each photo.jpg, resumed)"
 )
+
+
+def grounding_lines(result) -> list[str]:
+    """What a grounded model adds to a caption, for people: the concepts and a plain warning."""
+    if result.in_domain is None:
+        return []
+    seen = ", ".join(f"{w} {p:.2f}" for w, p in result.concepts) or "(nothing above 0.05)"
+    lines = [f"concepts:   {seen}", f"in-domain:  {result.in_domain:.3f}"]
+    if result.out_of_domain:
+        lines.append(
+            "warning:    this photo is unlike the training photos (out of domain): "
+            "the caption may well be wrong"
+        )
+    return lines
 
 
 def _legacy(record: dict) -> dict:
@@ -153,6 +169,14 @@ def caption_cmd(
         typer.echo(f"wrote {captioned} captions to {where}{done}", err=True)
     if stats and stats.captioned and stats.seconds >= 1:
         typer.echo(f"{stats.rate:.1f} images/s ({stats.seconds:.0f} s)", err=True)
+    if stats and stats.out_of_domain:
+        typer.secho(
+            f"note: {stats.out_of_domain} of {captioned} photos are unlike the training photos "
+            "(out of domain): their captions may well be wrong (--format jsonl shows the "
+            "concepts and in-domain score of each)",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
     failed = len(work.problems) + (stats.failed if stats else 0)
     if failed:
         typer.secho(
@@ -202,6 +226,8 @@ def predict_cmd(
     )[0]
     typer.echo(f"image:      {path}")
     typer.echo(f"caption:    {result.caption}   (score {result.score:.3f})")
+    for line in grounding_lines(result):
+        typer.echo(line)
     if references:
         typer.echo("references:")
         for ref in references:
@@ -274,8 +300,9 @@ def evaluate_cmd(
     backend: str = typer.Option("auto", help=BACKEND_HELP),
     precision: str = typer.Option(
         DEFAULT_PRECISION,
-        help="encoder precision: fp32 (feature cache when complete) or int8 (encodes every "
-        "image; calibrated on the work dir's training split if there is no int8 encoder yet)",
+        help="encoder: fp32 (feature cache when complete), int8 (encodes every image; "
+        "calibrated on the work dir's training split if there is no int8 encoder yet) or auto "
+        "(int8 if there is one)",
     ),
 ) -> None:
     """Decode a whole split, print BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (0-100), save a report."""

@@ -178,7 +178,8 @@ def register(app: typer.Typer) -> None:
         ),
         precision: str = typer.Option(
             DEFAULT_PRECISION,
-            help="Encoder precision: fp32, or int8 (made by `captioner export --precision int8`).",
+            help="Encoder: fp32, int8 (made by `captioner export --precision int8`) or auto "
+            "(int8 if made).",
         ),
     ) -> None:
         serve(

@@ -79,7 +79,7 @@ class FeatureExtractor:
 
     ``precision="int8"`` runs the statically quantised export (features/quantize.py) that
     ``captioner export --precision int8`` made default; it needs ONNX Runtime, so it never falls
-    back to PyTorch (that would quietly be fp32)."""
+    back to PyTorch (that would quietly be fp32). "auto" is int8 when there is such a file."""
 
     def __init__(
         self,
@@ -88,11 +88,13 @@ class FeatureExtractor:
         threads: int | None = None,
         precision: str = "fp32",
     ):
-        from captioner.features.quantize import check_precision, require_int8_encoder
+        from captioner.features.quantize import require_int8_encoder, resolve_precision
 
         self.spec: EncoderSpec = get_spec(name)
         self.backend = backend
-        self.precision = check_precision(precision)
+        if precision == "auto" and backend == "torch":
+            precision = "fp32"  # int8 is ONNX Runtime only
+        precision = self.precision = resolve_precision(name, precision)  # "auto" resolved
         self.encoder_file: Path | None = None  # the ONNX file in use (None: PyTorch)
         self._session = None
         self._torch = None
