@@ -46,6 +46,7 @@ class BulkStats:
     captioned: int = 0
     skipped: int = 0  # already in the output (resume)
     failed: int = 0  # unreadable images
+    out_of_domain: int = 0  # captioned photos a grounded model calls unlike its training photos
     seconds: float = 0.0
 
     @property
@@ -199,6 +200,7 @@ def caption_bulk(
             bar.clear()
             sink.write(done)
         stats.captioned += len(done)
+        stats.out_of_domain += sum(bool(getattr(r, "out_of_domain", False)) for _, r in done)
         bar.update(len(chunk))
 
     chunk: list[_Decoded] = []

@@ -290,3 +290,24 @@ def test_out_of_domain_penalises_unnamed_object_words_only():
     assert inside[0, 1] == 0.0
     assert outside[0, 1] == pytest.approx(np.log(grounder.config.epsilon), abs=1e-3)
     assert outside[0, 0] > 0  # the cat is named: its bonus outweighs its small penalty
+
+
+def test_predict_says_plainly_when_a_photo_is_out_of_domain():
+    from captioner.api import CaptionResult
+    from captioner.cli.inference_commands import grounding_lines
+
+    plain = CaptionResult("a dog", ["a", "dog"], -0.5, None)
+    assert grounding_lines(plain) == []
+    odd = CaptionResult(
+        "a cat",
+        ["a", "cat"],
+        -0.5,
+        None,
+        concepts=[("cat", 0.95)],
+        in_domain=0.0,
+        out_of_domain=True,
+    )
+    lines = grounding_lines(odd)
+    assert lines[0] == "concepts:   cat 0.95" and "out of domain" in lines[-1]
+    usual = CaptionResult("a dog", ["a", "dog"], -0.5, None, concepts=[], in_domain=0.4)
+    assert not any("warning" in line for line in grounding_lines(usual))
