@@ -41,6 +41,20 @@ FORMAT_HELP = (
 )
 
 
+def grounding_lines(result) -> list[str]:
+    """What a grounded model adds to a caption, for people: the concepts and a plain warning."""
+    if result.in_domain is None:
+        return []
+    seen = ", ".join(f"{w} {p:.2f}" for w, p in result.concepts) or "(nothing above 0.05)"
+    lines = [f"concepts:   {seen}", f"in-domain:  {result.in_domain:.3f}"]
+    if result.out_of_domain:
+        lines.append(
+            "warning:    this photo is unlike the training photos (out of domain): "
+            "the caption may well be wrong"
+        )
+    return lines
+
+
 def _legacy(record: dict) -> dict:
     """A bulk record in the text / JSON layout (the image key is called ``path``)."""
     return {"path": record["image"], **{k: v for k, v in record.items() if k != "image"}}
@@ -155,6 +169,14 @@ def caption_cmd(
         typer.echo(f"wrote {captioned} captions to {where}{done}", err=True)
     if stats and stats.captioned and stats.seconds >= 1:
         typer.echo(f"{stats.rate:.1f} images/s ({stats.seconds:.0f} s)", err=True)
+    if stats and stats.out_of_domain:
+        typer.secho(
+            f"note: {stats.out_of_domain} of {captioned} photos are unlike the training photos "
+            "(out of domain): their captions may well be wrong (--format jsonl shows the "
+            "concepts and in-domain score of each)",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
     failed = len(work.problems) + (stats.failed if stats else 0)
     if failed:
         typer.secho(
@@ -204,6 +226,8 @@ def predict_cmd(
     )[0]
     typer.echo(f"image:      {path}")
     typer.echo(f"caption:    {result.caption}   (score {result.score:.3f})")
+    for line in grounding_lines(result):
+        typer.echo(line)
     if references:
         typer.echo("references:")
         for ref in references:
