@@ -44,7 +44,7 @@ from safetensors.numpy import load_file, save_file
 from captioner.errors import CheckpointError
 from captioner.features.concepts import ImageNetConcepts, _singulars
 from captioner.grounding.domain import DomainScorer, pooled
-from captioner.grounding.word_model import ConceptWordTable, softmax
+from captioner.grounding.word_model import ConceptWordTable, mix, softmax
 from captioner.io import atomic_path, atomic_write_json, read_json
 
 GROUNDING_WEIGHTS = "grounding.safetensors"
@@ -125,6 +125,7 @@ class Grounder:
         self.word_ids = np.asarray(word_ids, dtype=np.int64)  # (W,) vocabulary ids biased
         self.table = table  # (1000, W)
         self.lexicon = np.asarray(lexicon, dtype=np.float32)  # (1000, W) 0/1
+        self._lexicon_t = np.ascontiguousarray(self.lexicon.T)  # (W, 1000) for mix()
         self.base_rate = np.asarray(base_rate, dtype=np.float32)  # (W,) mean training evidence
         self.domain = domain
         self.vocab_size = int(vocab_size)
@@ -143,13 +144,14 @@ class Grounder:
 
     def lexical(self, logits: np.ndarray) -> np.ndarray:
         """(B, 1000) logits -> (B, W) probability of the classes each word names."""
-        return np.minimum(softmax(logits) @ self.lexicon, 1.0)
+        return np.minimum(mix(softmax(logits), self._lexicon_t), 1.0)
 
-    def evidence(self, logits: np.ndarray) -> np.ndarray:
+    def evidence(self, logits: np.ndarray, lexical: np.ndarray | None = None) -> np.ndarray:
         """(B, 1000) logits -> in-domain evidence (B, W) in [0, 1]: noisy-or of the learnt
-        table and the lexicon."""
+        table and the lexicon (``lexical`` when the caller has it already)."""
         learnt = self.table.predict(logits)  # (B, W)
-        return 1.0 - (1.0 - learnt) * (1.0 - self.lexical(logits))  # (B, W)
+        lexical = self.lexical(logits) if lexical is None else lexical
+        return 1.0 - (1.0 - learnt) * (1.0 - lexical)  # (B, W)
 
     def log_ratios(self, logits: np.ndarray, in_domain: np.ndarray) -> np.ndarray:
         """(B, 1000) logits, (B,) in-domain scores -> (B, W) unweighted bias per word.
@@ -160,7 +162,8 @@ class Grounder:
         ratio's positive part for the words they name more than usual."""
         c = self.config
         lexical = self.lexical(logits)  # (B, W)
-        inside = np.log((self.evidence(logits) + c.epsilon) / (self.base_rate + c.epsilon))
+        evidence = self.evidence(logits, lexical)  # (B, W)
+        inside = np.log((evidence + c.epsilon) / (self.base_rate + c.epsilon))
         inside = np.clip(inside, -c.max_bias, c.max_bias) * self.in_domain_words  # (B, W)
         named = np.log((lexical + c.epsilon) / (self.base_rate + c.epsilon))
         outside = np.log(lexical + c.epsilon) + np.clip(named, 0.0, c.max_bias)  # (B, W)
