@@ -23,7 +23,7 @@ import json
 import os
 import struct
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +37,7 @@ from captioner.io import read_json
 
 MANIFEST = "manifest.json"  # as features/cache.py writes it
 _DTYPES = {"F16": np.float16, "F32": np.float32}
+PREFETCH_BATCHES = 4  # batches read ahead, each by its own thread
 _MAX_OPEN_FILES = 64  # open shard descriptors kept (COCO x 3 views is ~660 shards)
 
 
@@ -232,15 +233,25 @@ class TrainingFeatures:
         return self.reader.read(where[:, 0], where[:, 1])
 
     def prefetch(
-        self, view_choice: torch.Tensor, batches: list[torch.Tensor], start: int = 0
+        self,
+        view_choice: torch.Tensor,
+        batches: list[torch.Tensor],
+        start: int = 0,
+        ahead: int = PREFETCH_BATCHES,
     ) -> Iterator[tuple[int, torch.Tensor]]:
-        """(b, grids of batch b) for b >= start, the next batch read while this one trains."""
+        """(b, grids of batch b) for b >= start, in order; the next ``ahead`` batches are read
+        by as many threads while this one trains. A cache larger than RAM is read from disk at
+        random, where one read at a time waits on the disk's latency: several in flight keep
+        it busy (measured at 16x: 81 captions/s with one batch ahead)."""
         if start >= len(batches):
             return
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="features") as pool:
-            pending = pool.submit(self.batch, view_choice, batches[start])
+        with ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="features") as pool:
+            pending = deque(
+                pool.submit(self.batch, view_choice, batches[b])
+                for b in range(start, min(start + ahead, len(batches)))
+            )
             for b in range(start, len(batches)):
-                feats = pending.result()
-                if b + 1 < len(batches):
-                    pending = pool.submit(self.batch, view_choice, batches[b + 1])
+                feats = pending.popleft().result()
+                if b + ahead < len(batches):
+                    pending.append(pool.submit(self.batch, view_choice, batches[b + ahead]))
                 yield b, feats
