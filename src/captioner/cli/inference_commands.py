@@ -104,6 +104,14 @@ def caption_cmd(
     batch_size: int = typer.Option(32, min=1, max=256, help="images per model call"),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
     precision: str = typer.Option(DEFAULT_PRECISION, help=PRECISION_HELP),
+    ray: str | None = typer.Option(
+        None,
+        "--ray",
+        metavar="ADDRESS",
+        help="caption on a Ray cluster (HEAD:6379, or 'local' for a fresh one on this machine); "
+        "writes --output as jsonl or parquet (docs/RAY.md)",
+    ),
+    ray_workers: int = typer.Option(2, min=1, max=4096, help="with --ray: captioning actors"),
 ) -> None:
     """Caption images, any number of them: decoding overlaps the model and memory stays
     bounded. Unreadable files are reported on stderr and skipped (exit code 1)."""
@@ -112,6 +120,25 @@ def caption_cmd(
     from captioner.bulk_writers import AppendFile, Collect
     from captioner.io import atomic_write_text
 
+    if ray is not None:
+        settings = {"model": model, "beam_size": beam_size, "max_length": max_length}
+        settings.update(no_repeat_ngram_size=no_repeat_ngram, backend=backend)
+        _caption_on_ray(
+            ray,
+            ray_workers,
+            inputs,
+            files_from,
+            fmt,
+            output,
+            overwrite,
+            batch_size,
+            precision=precision,
+            **settings,
+        )
+        return
+    if fmt == "parquet":
+        _err("--format parquet needs --ray (one machine: jsonl or csv)")
+        raise typer.Exit(EXIT_USER_ERROR)
     if fmt not in FORMATS:
         _err(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
         raise typer.Exit(EXIT_USER_ERROR)
@@ -181,6 +208,45 @@ def caption_cmd(
     if failed:
         typer.secho(
             f"{failed} input(s) failed, {captioned} captioned", fg=typer.colors.YELLOW, err=True
+        )
+        raise typer.Exit(1)
+
+
+def _caption_on_ray(
+    address, workers, inputs, files_from, fmt, output, overwrite, batch_size, **settings
+) -> None:
+    """caption --ray: the Ray Data runner (captioner.distributed), then the usual summary."""
+    from captioner.distributed.ray_data import OUTPUT_FORMATS, caption_dataset
+
+    check_choice("--backend", settings["backend"], BACKENDS)
+    check_choice("--precision", settings["precision"], PRECISIONS)
+    if fmt not in OUTPUT_FORMATS or output is None:
+        _err("--ray writes a file: give --format jsonl or parquet and --output")
+        raise typer.Exit(EXIT_USER_ERROR)
+    if not inputs and files_from is None:
+        _err("nothing to caption: give image paths, folders, globs or --files-from")
+        raise typer.Exit(EXIT_USER_ERROR)
+    stats = caption_dataset(
+        inputs or [],
+        output,
+        address,
+        workers,
+        fmt,
+        report=_err,
+        files_from=[files_from] if files_from else [],
+        overwrite=overwrite,
+        batch_size=batch_size,
+        **settings,
+    )
+    done = f", {stats.skipped} already there" if stats.skipped else ""
+    typer.echo(f"wrote {stats.captioned} captions to {output}{done}", err=True)
+    if stats.captioned and stats.seconds >= 1:
+        typer.echo(f"{stats.rate:.1f} images/s ({stats.seconds:.0f} s)", err=True)
+    if stats.failed:
+        typer.secho(
+            f"{stats.failed} input(s) failed, {stats.captioned} captioned",
+            fg=typer.colors.YELLOW,
+            err=True,
         )
         raise typer.Exit(1)
 
