@@ -76,8 +76,8 @@ class ImageNetConcepts:
             for w in ws:
                 self._members[i, index[w]] = 1.0
             self._first[i, index[ws[0]]] = 1.0
-        # transposed copies: (W, 1000) @ probs.T is much faster than probs @ (1000, W) for one
-        # image with this BLAS (a matrix-vector product on the contiguous form)
+        # transposed copies, multiplied by np.einsum (no BLAS thread pool to spin beside ONNX
+        # Runtime's threads; see captioner.grounding.word_model.mix)
         self._members_t = np.ascontiguousarray(self._members.T)
         self._first_t = np.ascontiguousarray(self._first.T)
 
@@ -134,7 +134,7 @@ class ImageNetConcepts:
     def word_probabilities(self, probs: np.ndarray) -> np.ndarray:
         """(B, 1000) class probabilities -> (B, W): for each display word, the summed probability
         of the classes whose ``words`` contain it ("cat" = tabby + tiger cat + Egyptian cat...)."""
-        return (self._members_t @ self._check(probs).T).T  # (B, 1000) @ (1000, W) -> (B, W)
+        return np.einsum("bk,wk->bw", self._check(probs), self._members_t)  # (B, W)
 
     def top(
         self, probs: np.ndarray, k: int = 5, min_prob: float = 0.05
@@ -146,7 +146,7 @@ class ImageNetConcepts:
         canoe says [("canoe", 0.6), ("boat", 0.2)] (the 0.2 from speedboat, yawl...), never both
         "cat" and a broader word for the same class.
         """
-        mass = (self._first_t @ self._check(probs).T).T  # (B, 1000) @ (1000, W) -> (B, W)
+        mass = np.einsum("bk,wk->bw", self._check(probs), self._first_t)  # (B, W)
         result = []
         for row in mass:
             order = np.argsort(-row, kind="stable")[: max(k, 0)]

@@ -69,7 +69,7 @@ class DomainScorer:
     def distance(self, features: np.ndarray) -> np.ndarray:
         """(B, C) pooled features -> (B,) squared Mahalanobis-plus-residual distance per dim."""
         x = np.asarray(features, dtype=np.float32) - self.mean  # (B, C)
-        proj = x @ self.components.T  # (B, K)
+        proj = np.einsum("bc,kc->bk", x, self.components)  # (B, K); no BLAS threads to spin
         inside = (proj**2 / self.variances).sum(axis=1)  # (B,)
         residual = (x**2).sum(axis=1) - (proj**2).sum(axis=1)  # (B,) energy outside the K dirs
         outside = np.maximum(residual, 0.0) / self.residual_variance

@@ -116,7 +116,7 @@ def fit_grounding(
     objects = load_object_words()
     content = np.array([is_object_word(w, objects) for w in vocab.itos]) & ~function
     content[:4] = False
-    word_ids = np.flatnonzero(content | named)
+    word_ids = np.flatnonzero(content | named | learnt)
     in_domain_words = (learnt | named)[word_ids]
     table = ConceptWordTable.fit(train.logits, y_train[:, word_ids], temperature, prior)
     components = min(DEFAULT_COMPONENTS, len(train.names) // 2)  # small data sets: fewer dirs
