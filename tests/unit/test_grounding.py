@@ -311,3 +311,30 @@ def test_predict_says_plainly_when_a_photo_is_out_of_domain():
     assert lines[0] == "concepts:   cat 0.95" and "out of domain" in lines[-1]
     usual = CaptionResult("a dog", ["a", "dog"], -0.5, None, concepts=[], in_domain=0.4)
     assert not any("warning" in line for line in grounding_lines(usual))
+
+
+def test_ground_command_fits_and_saves_beside_a_copy(shapes_prepared, tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from captioner.cli.main import app
+
+    out = tmp_path / "grounded"
+    runner = CliRunner()
+    result = runner.invoke(
+        app,
+        [
+            "ground",
+            str(tiny_model_dir),
+            "--work-dir",
+            str(shapes_prepared.work_dir),
+            "--out",
+            str(out),
+            "--no-tune",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert (out / "grounding.json").is_file() and (out / "model.safetensors").is_file()
+    assert not (tiny_model_dir / "grounding.json").exists()  # the source is left alone
+    assert Grounder.from_pretrained(out).config.strength == 0.5
+    bad = runner.invoke(app, ["ground", str(tiny_model_dir), "--strengths", "x,1"])
+    assert bad.exit_code != 0 and "Traceback" not in bad.output

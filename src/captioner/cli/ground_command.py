@@ -30,7 +30,10 @@ def ground_cmd(
         None, "--out", help="save model + grounding here (default: into MODEL itself)"
     ),
     strengths: str = typer.Option(
-        "0,0.25,0.5,1", "--strengths", help="in-domain strengths tried on dev (comma-separated)"
+        "0,0.25,0.5,1",
+        "--strengths",
+        help="in-domain strengths tried on dev (comma-separated); with --no-tune, a single "
+        "value is used as given, otherwise the default strength 0.5",
     ),
     ood_strength: float = typer.Option(
         5.0, "--ood-strength", min=0, max=10, help="strength for out-of-domain photos"
@@ -60,7 +63,8 @@ def ground_cmd(
     # the model alone: a grounding already there is replaced, never needed (nor trusted)
     captioner = Captioner(CaptioningModel.from_pretrained(target))
     prepared = PreparedData.load(work_dir)
-    config = GroundingConfig(ood_strength=ood_strength, strength=tried[0])
+    fixed = tried[0] if len(tried) == 1 else GroundingConfig().strength
+    config = GroundingConfig(ood_strength=ood_strength, strength=fixed)
     grounder, report = fit_grounding(
         captioner.vocab, prepared, captioner.spec.name, config, log=typer.echo
     )
