@@ -180,3 +180,13 @@ def test_parquet_output_columns_nulls_and_all_or_nothing(tmp_path):
     with pytest.raises(DataError, match="--overwrite"):
         ParquetOutput(out, overwrite=False)
     assert pq.read_table(out).num_rows == 2
+
+
+def test_a_missing_model_fails_before_a_local_cluster_starts(photos, tmp_path):
+    pytest.importorskip("ray")
+    from captioner.distributed.ray_data import caption_dataset
+    from captioner.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="model directory not found"):
+        caption_dataset([str(photos)], tmp_path / "o.jsonl", model=str(tmp_path / "none"))
+    assert not (tmp_path / "o.jsonl").exists()

@@ -281,6 +281,10 @@ def caption_dataset(
     if concurrency < 1 or cpus_per_worker <= 0 or not 1 <= batch_size <= 1024:
         raise ConfigError("concurrency, cpus per worker and batch size must be positive")
     import_ray()  # a missing Ray is reported before any work
+    if address in (None, LOCAL):
+        from captioner.api import resolve_model_path
+
+        resolve_model_path(model)  # here the actors share this machine: fail before starting
     items = [inputs] if isinstance(inputs, str) else list(inputs)
     files, uris = list_inputs(items, files_from, problem=report)
     if not files and not uris:
