@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from captioner.data.images import ImageInput, load_image
+from captioner.devices import resolve_device
 from captioner.errors import CheckpointError, ConfigError
 from captioner.features.encoders import preprocess
 from captioner.features.onnx import FeatureExtractor
@@ -77,7 +78,14 @@ def _single_torch_thread(enabled: bool):
 
 
 class Captioner:
-    """Encoder + decoder + vocabulary, ready to caption images on CPU."""
+    """Encoder + decoder + vocabulary, ready to caption images on the CPU or a CUDA GPU.
+
+    ``device`` "cpu" (the default) runs the encoder and decoder in ONNX Runtime (``backend``
+    "auto"/"onnx") or PyTorch; "cuda" runs both in PyTorch on the GPU, as the onnxruntime
+    installed here is the CPU build (so ``backend`` "onnx" and the int8 encoder are CPU only);
+    "auto" is a visible GPU, else the CPU (always the CPU with backend "onnx" or precision
+    "int8"). Grounding stays numpy on the CPU; its word bias is
+    moved to the decoder's device."""
 
     def __init__(
         self,
@@ -86,18 +94,25 @@ class Captioner:
         threads: int | None = None,
         grounder: Grounder | None = None,
         precision: str = DEFAULT_PRECISION,
+        device: str = "cpu",
     ):
         if backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+        if device == "auto" and (backend == "onnx" or precision == "int8"):
+            device = "cpu"  # what was asked for runs on ONNX Runtime, the CPU build
+        self.device = resolve_device(device)  # a missing GPU: ConfigError, before any loading
         self.model = model
         self.vocab = model.vocab
         self.spec = model.encoder
-        self.extractor = FeatureExtractor(model.encoder.name, backend, threads, precision)
-        self.precision = self.extractor.precision  # fp32 or int8 ("auto" resolved)
         self.stepper = model.decoder
         self.grounder = grounder  # concepts, in-domain score and word bias (None: plain model)
         self._bias_groups = word_groups(self.vocab.itos)  # (V,) "cat" and "cats" share a bonus
         self._concept_head = None  # torch head for grids that come without logits (cache)
+        if self.device.type != "cpu":
+            self._on_gpu(backend, precision)
+            return
+        self.extractor = FeatureExtractor(model.encoder.name, backend, threads, precision)
+        self.precision = self.extractor.precision  # fp32 or int8 ("auto" resolved)
         self.backend = "torch"
         if backend in ("auto", "onnx"):
             try:
@@ -115,6 +130,23 @@ class Captioner:
         if self.extractor.backend != self.backend:
             self.backend = f"{self.extractor.backend}+{self.backend}"
 
+    def _on_gpu(self, backend: str, precision: str) -> None:
+        """Encoder and decoder in PyTorch on ``self.device`` (fp32 weights: the captions match
+        the CPU's up to float rounding)."""
+        from captioner.features.gpu_encoder import DeviceExtractor
+
+        if backend == "onnx":
+            raise ConfigError(
+                "backend onnx runs on the CPU only: use --device cpu or --backend torch"
+            )
+        if precision == "int8":
+            raise ConfigError("the int8 encoder runs on ONNX Runtime (CPU): use --device cpu")
+        self.extractor = DeviceExtractor(self.spec.name, self.device)
+        self.precision = "fp32"
+        self.stepper = self.model.decoder.to(self.device).eval()
+        self._bias_groups = self._bias_groups.to(self.device)  # (V,)
+        self.backend = self.extractor.backend  # "torch-cuda"
+
     @classmethod
     def from_pretrained(
         cls,
@@ -122,11 +154,14 @@ class Captioner:
         backend: str = "auto",
         threads: int | None = None,
         precision: str = DEFAULT_PRECISION,
+        device: str = "cpu",
     ) -> Captioner:
         """A saved model directory, or the bundled Flickr8k model when ``path`` is None; its
         grounding (grounding.json + grounding.safetensors) is loaded when it has one.
-        ``precision`` "int8" runs the quantised encoder (made by ``captioner export``)."""
+        ``precision`` "int8" runs the quantised encoder (made by ``captioner export``);
+        ``device`` "cpu", "cuda" or "auto" (see the class doc)."""
         check_precision(precision)  # before loading anything
+        resolve_device(device)  # likewise: a missing GPU is one clear error
         path = resolve_model_path(path)
         model = CaptioningModel.from_pretrained(path)
         grounder = Grounder.from_pretrained(path)
@@ -135,7 +170,7 @@ class Captioner:
                 f"{path}: grounding is for a {grounder.vocab_size}-word vocabulary, the model "
                 f"has {len(model.vocab)}"
             )
-        return cls(model, backend, threads, grounder, precision)
+        return cls(model, backend, threads, grounder, precision, device)
 
     @property
     def grid_size(self) -> int:
@@ -160,7 +195,8 @@ class Captioner:
 
             self._concept_head = concept_head(self.spec.name)
         with torch.inference_mode():
-            return self._concept_head(features.float().mean(dim=1)).numpy()  # (B, 1000)
+            pooled = features.detach().float().cpu().mean(dim=1)  # (B, C)
+            return self._concept_head(pooled).numpy()  # (B, 1000)
 
     def generation_settings(self, **overrides) -> dict:
         """The model's decoding defaults (generation_config.json) with every override that is
@@ -260,6 +296,9 @@ class Captioner:
         if len(features) == 0:
             return []
         described, word_bias = self._ground(features, concept_logits, grounding, grounding_strength)
+        features = features.to(self.device)  # (B, P, C); a no-op on the CPU
+        if word_bias is not None:
+            word_bias = word_bias.to(features.device)  # (B, V) grounding computes it on the CPU
         ids = dict(
             start_id=self.vocab.start_id,
             end_id=self.vocab.end_id,
@@ -326,7 +365,7 @@ class Captioner:
             return None, None
         if logits is None:
             logits = self.concept_logits(features)
-        grid = features.float().numpy()
+        grid = features.detach().float().cpu().numpy()  # (B, P, C) grounding is numpy
         described, scores = self.grounder.describe(grid, logits)
         if not enabled or strength == 0:
             return described, None

@@ -25,9 +25,19 @@ PROGRESS_MIN_IMAGES = 8  # show a progress bar from this many images on
 WORK_DIR_HELP = "prepared work dir (from `captioner prepare`)"
 BACKEND_HELP = "auto (ONNX Runtime, else PyTorch), onnx or torch"
 NO_REPEAT_HELP = "never repeat an n-gram of this size in a caption (0 = off); default: the model's"
+DEVICE_HELP = "auto (a CUDA GPU if visible), cpu or cuda (PyTorch on the GPU; ONNX is CPU only)"
 PRECISION_HELP = (
     "encoder: fp32, int8 (made by `captioner export --precision int8`) or auto (int8 if made)"
 )
+
+
+def check_device(device: str) -> str:
+    """--device checked before anything is read or written: a missing GPU is one clear line
+    (ConfigError, exit code 2). Returns the name for ``Captioner``."""
+    from captioner.devices import resolve_device
+
+    resolve_device(device)
+    return device
 
 
 def _err(message: str) -> None:
@@ -112,6 +122,7 @@ def caption_cmd(
         "writes --output as jsonl or parquet (docs/RAY.md)",
     ),
     ray_workers: int = typer.Option(2, min=1, max=4096, help="with --ray: captioning actors"),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Caption images, any number of them: decoding overlaps the model and memory stays
     bounded. Unreadable files are reported on stderr and skipped (exit code 1)."""
@@ -147,6 +158,7 @@ def caption_cmd(
         raise typer.Exit(EXIT_USER_ERROR)
     check_choice("--backend", backend, BACKENDS)
     check_choice("--precision", precision, PRECISIONS)
+    target = check_device(device)
     if not inputs and files_from is None:
         _err("nothing to caption: give image paths, folders, globs or --files-from")
         raise typer.Exit(EXIT_USER_ERROR)
@@ -162,7 +174,9 @@ def caption_cmd(
             typer.echo(f"{output}: cut off a torn last line (an interrupted run)", err=True)
         stats = None
         if work.todo:
-            captioner = Captioner.from_pretrained(model, backend=backend, precision=precision)
+            captioner = Captioner.from_pretrained(
+                model, backend=backend, precision=precision, device=target
+            )
             stats = caption_bulk(
                 captioner,
                 inputs or [],
@@ -273,6 +287,7 @@ def predict_cmd(
     ),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
     precision: str = typer.Option(DEFAULT_PRECISION, help=PRECISION_HELP),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Caption one image, print it with the human references, draw the per-word attention.
 
@@ -284,9 +299,12 @@ def predict_cmd(
 
     check_choice("--backend", backend, BACKENDS)
     check_choice("--precision", precision, PRECISIONS)
+    target = check_device(device)
     path, references = _predict_image(image, work_dir, split, seed)
     rgb = load_image(path)
-    captioner = Captioner.from_pretrained(model, backend=backend, precision=precision)
+    captioner = Captioner.from_pretrained(
+        model, backend=backend, precision=precision, device=target
+    )
     result = captioner.caption(
         rgb, beam_size=beam_size, max_length=max_length, no_repeat_ngram_size=no_repeat_ngram
     )[0]
@@ -370,6 +388,7 @@ def evaluate_cmd(
         "calibrated on the work dir's training split if there is no int8 encoder yet) or auto "
         "(int8 if there is one)",
     ),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Decode a whole split, print BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (0-100), save a report."""
     from captioner.evaluation.evaluate import evaluate
@@ -377,6 +396,7 @@ def evaluate_cmd(
 
     check_choice("--backend", backend, BACKENDS)
     check_choice("--precision", precision, PRECISIONS)
+    target = check_device(device)
 
     report = evaluate(
         model,
@@ -392,6 +412,7 @@ def evaluate_cmd(
         out_dir=out_dir,
         backend=backend,
         precision=precision,
+        device=target,
     )
     typer.echo(
         f"{report['split']}: {report['n_images']} images, beam {report['beam_size']}, "

@@ -10,6 +10,7 @@ import socket
 import typer
 
 from captioner.cli.common import friendly_errors
+from captioner.devices import resolve_device
 from captioner.errors import ConfigError
 from captioner.features.quantize import DEFAULT_PRECISION, check_precision
 
@@ -30,14 +31,16 @@ def serve(
     log_level: str = "info",
     upload_timeout_s: float = 60,
     precision: str = DEFAULT_PRECISION,
+    device: str = "auto",
 ) -> None:
     """Load the model (in the app's startup) and serve until interrupted.
 
     ``model`` is a saved model directory (None: the bundled default). ``workers`` is the number
     of inference threads (batches that may run at once); ``max_batch_size=1`` turns
     micro-batching off. The port is taken before the model loads, so a busy port fails at once
-    (ConfigError). Raises the model's loading error (a CaptionerError such as CheckpointError)
-    if startup fails, so the CLI can map it to an exit code.
+    (ConfigError), and so does a ``device`` "cuda" without a GPU. Raises the model's loading
+    error (a CaptionerError such as CheckpointError) if startup fails, so the CLI can map it to
+    an exit code.
     """
     import uvicorn
 
@@ -53,12 +56,13 @@ def serve(
         upload_timeout_s=upload_timeout_s,
     )
     check_precision(precision)
+    resolve_device(device)  # before the port and the model: a missing GPU is one clear error
     check_port(host, port)  # before loading the model: a busy port is an error at once
 
     def load_model():
         from captioner.api import Captioner
 
-        return Captioner.from_pretrained(model, backend=backend, precision=precision)
+        return Captioner.from_pretrained(model, backend=backend, precision=precision, device=device)
 
     app = create_app(load_model, settings)
     if not _is_loopback(host):
@@ -181,6 +185,11 @@ def register(app: typer.Typer) -> None:
             help="Encoder: fp32, int8 (made by `captioner export --precision int8`) or auto "
             "(int8 if made).",
         ),
+        device: str = typer.Option(
+            "auto",
+            help="auto (a CUDA GPU if visible), cpu or cuda (PyTorch on the GPU; ONNX is CPU "
+            "only).",
+        ),
     ) -> None:
         serve(
             model=model,
@@ -196,4 +205,5 @@ def register(app: typer.Typer) -> None:
             log_level=log_level,
             upload_timeout_s=upload_timeout,
             precision=precision,
+            device=device,
         )

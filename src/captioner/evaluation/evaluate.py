@@ -22,6 +22,7 @@ import torch
 
 from captioner.api import Captioner, resolve_model_path
 from captioner.data.prepare import PreparedData
+from captioner.devices import resolve_device
 from captioner.errors import ConfigError, DataError
 from captioner.evaluation.metrics import java_available, score_captions
 from captioner.features.quantize import DEFAULT_PRECISION, check_precision
@@ -97,6 +98,7 @@ def evaluate(
     use_cache: bool = True,
     progress: bool = True,
     precision: str = DEFAULT_PRECISION,
+    device: str = "cpu",
 ) -> dict:
     """Caption every image of ``split`` of the prepared ``work_dir``, score, write, return report.
 
@@ -104,13 +106,18 @@ def evaluate(
     ``limit`` > 0 evaluates only the first ``limit`` images of the split (a quick check).
     ``use_java`` is passed to :func:`score_captions` (None: Java if available). ``out_dir``
     defaults to ``runs/eval/<model directory name>`` (``runs/eval/captioner`` for a Captioner).
-    ``precision`` is the encoder's (a loaded Captioner brings its own).
+    ``precision`` is the encoder's and ``device`` where encoder and decoder run ("cpu", "cuda"
+    or "auto", see :class:`Captioner`); a loaded Captioner brings its own.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     if limit < 0:
         raise ConfigError(f"limit must be 0 (all) or positive, got {limit}")
     check_precision(precision)
+    if precision == "int8" and device == "auto":
+        device = "cpu"  # int8 runs on ONNX Runtime, the CPU build (as in Captioner)
+    if resolve_device(device).type != "cpu" and precision == "int8":  # before calibrating one
+        raise ConfigError("the int8 encoder runs on ONNX Runtime (CPU): use --device cpu")
     start = time.perf_counter()
     if isinstance(model, Captioner):
         captioner, model_name = model, "captioner"
@@ -121,7 +128,9 @@ def evaluate(
         out_dir = Path(out_dir) if out_dir is not None else default_out_dir(model_path)
         if precision == "int8":
             _ensure_int8_encoder(model_path, work_dir)
-        captioner = Captioner.from_pretrained(model_path, backend=backend, precision=precision)
+        captioner = Captioner.from_pretrained(
+            model_path, backend=backend, precision=precision, device=device
+        )
     precision = captioner.precision
     prepared = PreparedData.load(work_dir)
     names = list(prepared.splits[split])
@@ -187,7 +196,9 @@ def evaluate(
         "encoder": captioner.spec.name,
         "backend": captioner.backend,
         "precision": precision,
-        "encoder_file": getattr(captioner.extractor.encoder_file, "name", None),
+        "device": str(captioner.device),
+        # the ONNX file in use (None: PyTorch, which the GPU extractor has no attribute for)
+        "encoder_file": getattr(getattr(captioner.extractor, "encoder_file", None), "name", None),
         "features": "cache" if features is not None else "encoded",
         "tokenizer": "java-ptb" if java_available() and use_java is not False else "python-ptb",
         "scores": scores,
