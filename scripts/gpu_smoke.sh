@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU smoke test: features, one epoch and evaluate on Flickr8k with --device cuda.
+# GPU smoke test: features, one epoch, evaluate and caption on Flickr8k with --device cuda.
 # Run from the repository root on a machine with a CUDA GPU and the built .venv (a CUDA build of
 # torch 2.13.0), with Flickr8k at $DATA (default ../shared/data/flickr8k). About 5-10 minutes
 # on one modern GPU. Not yet run: it was written on a machine without a GPU.
@@ -43,5 +43,25 @@ fi
 
 log "evaluate the epoch's best model on the test split"
 "$PY" -m captioner evaluate --model "$OUT/run/best" --work-dir "$WORK" --no-java \
-  --out-dir "$OUT/eval" | tee -a "$OUT/smoke.log"
+  --device cuda --out-dir "$OUT/eval" | tee -a "$OUT/smoke.log"
+grep -E '"(backend|device)"' "$OUT/eval/report_test_beam"*.json | tee -a "$OUT/smoke.log"
+
+log "caption three test images on the GPU and on the CPU (the same captions, up to rounding)"
+mapfile -t IMAGES < <("$PY" - "$WORK" <<'PY'
+import sys
+from captioner.data.prepare import PreparedData
+data = PreparedData.load(sys.argv[1])
+for name in data.splits.test[:3]:
+    print(data.images_dir / name)
+PY
+)
+for DEV in cuda cpu; do
+  "$PY" -m captioner caption --model "$OUT/run/best" --backend torch --device "$DEV" \
+    "${IMAGES[@]}" | tee "$OUT/caption_$DEV.txt" | tee -a "$OUT/smoke.log"
+done
+if diff "$OUT/caption_cuda.txt" "$OUT/caption_cpu.txt"; then
+  log "GPU and CPU captions are identical"
+else
+  log "GPU and CPU captions differ (float rounding can change a word; see the diff above)"
+fi
 log "done: $OUT/smoke.log"
