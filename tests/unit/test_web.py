@@ -638,7 +638,7 @@ def test_serve_raises_the_model_loading_error(monkeypatch):
 
     class Captioner:
         @classmethod
-        def from_pretrained(cls, path=None, backend="auto"):
+        def from_pretrained(cls, path=None, backend="auto", **_settings):
             raise CheckpointError(f"no saved model at {path}")
 
     monkeypatch.setitem(sys.modules, "captioner.api", types.SimpleNamespace(Captioner=Captioner))
@@ -665,7 +665,7 @@ def test_serve_on_a_busy_port_fails_before_loading_the_model(monkeypatch, busy_p
 
     class Captioner:
         @classmethod
-        def from_pretrained(cls, path=None, backend="auto"):
+        def from_pretrained(cls, path=None, backend="auto", **_settings):
             loaded.append(path)
             return FakeCaptioner()
 
