@@ -324,8 +324,9 @@ def _load_batch(images_dir, batch_names, view, augment, extractor) -> np.ndarray
     return preprocess(images, extractor.spec)
 
 
-def load_cache(cache_dir: Path) -> tuple[list[str], torch.Tensor]:
-    """All features of a complete cache: (names, fp16 tensor (N, P, C))."""
+def complete_manifest(cache_dir: Path) -> dict:
+    """The manifest of a complete cache, or a CacheError that says how to get one (shared by
+    this in-RAM loader and training's out-of-core feature store)."""
     cache_dir = Path(cache_dir)
     manifest_path = cache_dir / MANIFEST
     if not manifest_path.is_file():
@@ -341,6 +342,13 @@ def load_cache(cache_dir: Path) -> tuple[list[str], torch.Tensor]:
         raise CacheError(
             f"feature cache {cache_dir} is incomplete: rerun `captioner features` to resume it"
         )
+    return manifest
+
+
+def load_cache(cache_dir: Path) -> tuple[list[str], torch.Tensor]:
+    """All features of a complete cache: (names, fp16 tensor (N, P, C))."""
+    cache_dir = Path(cache_dir)
+    manifest = complete_manifest(cache_dir)
     names: list[str] = []
     parts = []
     for key in sorted(manifest["shards"]):

@@ -33,9 +33,8 @@ import numpy as np
 import torch
 
 from captioner.errors import CacheError, DataError
-from captioner.io import read_json
+from captioner.features.cache import complete_manifest
 
-MANIFEST = "manifest.json"  # as features/cache.py writes it
 _DTYPES = {"F16": np.float16, "F32": np.float32}
 PREFETCH_BATCHES = 4  # batches read ahead, each by its own thread
 _MAX_OPEN_FILES = 64  # open shard descriptors kept (COCO x 3 views is ~660 shards)
@@ -82,20 +81,7 @@ def open_cache(cache_dir: Path) -> list[Shard]:
     """The shards of a complete cache, in order (the checks of ``load_cache``, without reading
     the features)."""
     cache_dir = Path(cache_dir)
-    manifest_path = cache_dir / MANIFEST
-    if not manifest_path.is_file():
-        raise CacheError(f"no feature cache at {cache_dir} (run `captioner features` first)")
-    try:
-        manifest = read_json(manifest_path)
-    except ValueError as exc:
-        raise CacheError(
-            f"feature cache manifest {manifest_path} is unreadable ({exc}); rerun "
-            "`captioner features` to rebuild it"
-        ) from exc
-    if not manifest.get("complete"):
-        raise CacheError(
-            f"feature cache {cache_dir} is incomplete: rerun `captioner features` to resume it"
-        )
+    manifest = complete_manifest(cache_dir)
     shards = [
         read_shard_header(cache_dir / f"shard_{key}.safetensors")
         for key in sorted(manifest["shards"])
