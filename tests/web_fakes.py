@@ -92,13 +92,18 @@ class FakeCaptioner:
             for i in range(beam_size)
         ]
         attention = self._attention(len(tokens)) if return_attention else None
-        return CaptionResult(
+        result = CaptionResult(
             caption=" ".join(tokens),
             tokens=tokens,
             score=alternatives[0][1],
             attention=attention,
             alternatives=alternatives,
         )
+        if hasattr(result, "concepts"):  # grounded, like the bundled model: a pure blue image
+            result.concepts = [(colour, 0.9)]  # is "out of domain", every other colour in
+            result.in_domain = 0.0 if colour == "blue" else 0.5
+            result.out_of_domain = colour == "blue"
+        return result
 
     def _attention(self, n_tokens: int) -> np.ndarray:
         """A Gaussian blob per word, wandering across the grid; each map sums to 1."""

@@ -262,3 +262,25 @@ def test_bad_file_shows_server_message(browser, server_url, tmp_path, photo):
     finally:
         context.close()
     assert errors == []
+
+
+def test_concepts_and_out_of_domain_warning(browser, server_url, tmp_path, photo):
+    """The page lists what the encoder sees and warns, in words, about an out-of-domain photo
+    (the fake calls a pure blue image out of domain)."""
+    blue = tmp_path / "blue.png"
+    Image.new("RGB", (64, 48), (30, 30, 220)).save(blue)
+    errors: list[str] = []
+    context, page = new_page(browser, server_url, 1280, 860, errors)
+    try:
+        upload_and_check_caption(page, photo)
+        sync_api.expect(page.locator("#concepts li")).to_have_count(1)
+        assert page.locator("#in-domain").inner_text() == "0.500"
+        assert page.locator("#ood-warning").is_hidden()
+        page.set_input_files("#file", str(blue))
+        sync_api.expect(page.locator("#caption")).to_contain_text("blue", timeout=10_000)
+        sync_api.expect(page.locator("#ood-warning")).to_be_visible()
+        assert "may well be wrong" in page.locator("#ood-warning").inner_text()
+        assert page.locator("#concepts li").first.inner_text() == "blue 0.90"
+    finally:
+        context.close()
+    assert errors == []
