@@ -9,7 +9,10 @@ caption (attention maps included, as the CLI and the web app ask for them).
 - with ``--compare-plain``, also "ONNX Runtime, plain step": the ONNX path with the fused
   search step (decoder_search.onnx) hidden, so beam search drives the plain step graph and
   does the log-softmax, bias and top-k in torch, with the memory expanded to the beams (the
-  path before the fused step), interleaved with the others in the same run.
+  path before the fused step), interleaved with the others in the same run;
+- with ``--compare-int8-decoder``, also "ONNX Runtime, fp32 decoder": the ONNX path with the
+  fp32 decoder graphs beside the same encoder, against ours with the int8 ones (ours is
+  then built with ``precision="int8"``: the int8 encoder must exist), interleaved likewise.
 
 Both are built from the same loaded model, with the same ``--threads`` (ORT intra-op threads and
 ``torch.set_num_threads``; beam bookkeeping runs in torch on both paths). For each of
@@ -209,6 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also time the ONNX path without its fused search step (interleaved)",
     )
     p.add_argument(
+        "--compare-int8-decoder",
+        action="store_true",
+        help="ours with int8 decoder graphs, also timed with the fp32 ones (interleaved)",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="10 images, 1 batch, 3-image breakdown: a fast end-to-end check",
@@ -254,17 +262,31 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     t0 = time.perf_counter()
-    ours = Backend("ONNX Runtime (ours)", Captioner(model, backend="onnx", threads=args.threads))
+    precision = "int8" if args.compare_int8_decoder else "auto"
+    try:
+        onnx_path = Captioner(model, backend="onnx", threads=args.threads, precision=precision)
+    except CaptionerError as exc:
+        sys.exit(f"error: {exc}")
+    ours = Backend("ONNX Runtime (ours)", onnx_path)
     eager = Backend("PyTorch eager", Captioner(model, backend="torch", threads=args.threads))
     backends = [ours, eager]
     if args.compare_plain:
         plain = Captioner(model, backend="onnx", threads=args.threads)
         plain.stepper = PlainStepper(plain.stepper)
         backends.insert(1, Backend("ONNX Runtime, plain step", plain))
+    if args.compare_int8_decoder:
+        from captioner.model.onnx_decoder import OrtStepper, exported_decoder_dir
+
+        fp32_decoder = Captioner(model, backend="onnx", threads=args.threads, precision="int8")
+        fp32_decoder.stepper = OrtStepper(
+            exported_decoder_dir(model.decoder, "fp32"), model.decoder.config.cell, threads=1
+        )
+        backends.insert(1, Backend("ONNX Runtime, fp32 decoder", fp32_decoder))
     torch.set_num_threads(args.threads)  # the torch extractor sets it too; keep it explicit
     print(
         f"setup: {time.perf_counter() - t0:.1f} s (backends {ours.captioner.backend!r} and "
-        f"{eager.captioner.backend!r})",
+        f"{eager.captioner.backend!r}; ours: {ours.captioner.precision} encoder, "
+        f"{ours.captioner.decoder_precision} decoder)",
         flush=True,
     )
 
@@ -324,13 +346,23 @@ def main(argv: list[str] | None = None) -> int:
         f"throughput; identical captions {same}/{len(ours.captions)}"
     )
     if args.compare_plain:
-        plain = backends[1]
+        plain = next(b for b in backends if b.label == "ONNX Runtime, plain step")
         p50_plain = np.percentile(plain.latencies, 50)
         thr_plain = plain.batch_images / plain.batch_seconds
         same_plain = sum(a == b for a, b in zip(ours.captions, plain.captions, strict=True))
         print(
             f"plain step / fused step: {p50_plain / p50[0]:.2f}x at p50, {thr[0] / thr_plain:.2f}x "
             f"batched throughput; identical captions {same_plain}/{len(ours.captions)}"
+        )
+    if args.compare_int8_decoder:
+        other = next(b for b in backends if b.label == "ONNX Runtime, fp32 decoder")
+        p50_other = np.percentile(other.latencies, 50)
+        thr_other = other.batch_images / other.batch_seconds
+        same_other = sum(a == b for a, b in zip(ours.captions, other.captions, strict=True))
+        print(
+            f"fp32 decoder / int8 decoder: {p50_other / p50[0]:.2f}x at p50, "
+            f"{thr[0] / thr_other:.2f}x batched throughput; identical captions "
+            f"{same_other}/{len(ours.captions)}"
         )
     untrained = not isinstance(read_json(Path(model_path) / "config.json").get("extra"), dict)
     if untrained and same < len(ours.captions):

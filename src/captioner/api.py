@@ -21,7 +21,7 @@ from captioner.devices import resolve_device
 from captioner.errors import CheckpointError, ConfigError
 from captioner.features.encoders import preprocess
 from captioner.features.onnx import FeatureExtractor
-from captioner.features.quantize import DEFAULT_PRECISION, check_precision
+from captioner.features.quantize import DEFAULT_PRECISION, check_precision, decoder_precision
 from captioner.grounding.grounder import Grounder, word_groups
 from captioner.model.captioning_model import CaptioningModel
 
@@ -113,6 +113,7 @@ class Captioner:
             return
         self.extractor = FeatureExtractor(model.encoder.name, backend, threads, precision)
         self.precision = self.extractor.precision  # fp32 or int8 ("auto" resolved)
+        self.decoder_precision = "fp32"  # the ONNX decoder graphs' (PyTorch: always fp32)
         self.backend = "torch"
         if backend in ("auto", "onnx"):
             try:
@@ -120,9 +121,10 @@ class Captioner:
 
                 # one thread: a decoder step is a few small matmuls, where waking a second
                 # thread costs more than it saves (measured: 46 vs 56 ms per caption)
-                self.stepper = OrtStepper(
-                    exported_decoder_dir(model.decoder), model.decoder.config.cell, threads=1
-                )
+                wanted = decoder_precision(precision, self.precision)
+                onnx_dir = exported_decoder_dir(model.decoder, wanted)
+                self.stepper = OrtStepper(onnx_dir, model.decoder.config.cell, threads=1)
+                self.decoder_precision = wanted
                 self.backend = "onnx"
             except Exception:  # noqa: BLE001 - ORT missing or export failed: PyTorch still works
                 if backend == "onnx":
@@ -142,7 +144,7 @@ class Captioner:
         if precision == "int8":
             raise ConfigError("the int8 encoder runs on ONNX Runtime (CPU): use --device cpu")
         self.extractor = DeviceExtractor(self.spec.name, self.device)
-        self.precision = "fp32"
+        self.precision = self.decoder_precision = "fp32"
         self.stepper = self.model.decoder.to(self.device).eval()
         self._bias_groups = self._bias_groups.to(self.device)  # (V,)
         self.backend = self.extractor.backend  # "torch-cuda"

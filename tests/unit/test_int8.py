@@ -280,3 +280,123 @@ def test_auto_precision_is_int8_once_there_is_an_int8_encoder(
     assert Captioner.from_pretrained(tiny_model_dir, precision="fp32").precision == "fp32"
     assert FeatureExtractor(ENCODER, backend="torch", precision="auto").precision == "fp32"
     assert FeatureExtractor(ENCODER).precision == "fp32"  # the feature cache's: always fp32
+
+
+# --- int8 decoder graphs (dynamic quantisation of decoder_start/step/search.onnx) ---
+
+
+def _tiny_decoder(tiny_model_dir):
+    from captioner.model.captioning_model import CaptioningModel
+
+    return CaptioningModel.from_pretrained(tiny_model_dir).decoder.eval()
+
+
+def _steppers(decoder):
+    from captioner.model.onnx_decoder import OrtStepper, exported_decoder_dir
+
+    cell = decoder.config.cell
+    fp32 = OrtStepper(exported_decoder_dir(decoder), cell, threads=1)
+    int8 = OrtStepper(exported_decoder_dir(decoder, "int8"), cell, threads=1)
+    return fp32, int8
+
+
+def _features(seed: int, n: int = 4):
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 49, 1280, generator=generator) * 3  # (n, P, C) ReLU6-like grids
+
+
+def test_int8_decoder_graphs_are_quantised_copies_beside_the_fp32_ones(tiny_model_dir):
+    import onnx
+
+    from captioner.model.onnx_decoder import GRAPH_NAMES, exported_decoder_dir
+
+    decoder = _tiny_decoder(tiny_model_dir)
+    fp32_dir = exported_decoder_dir(decoder)
+    assert exported_decoder_dir(decoder, "fp32") == fp32_dir and "int8" not in fp32_dir.name
+    before = {n: (fp32_dir / n).read_bytes() for n in GRAPH_NAMES}
+    int8_dir = exported_decoder_dir(decoder, "int8")
+    assert int8_dir.parent == fp32_dir.parent and int8_dir.name.startswith(fp32_dir.name + "-int8")
+    for name in GRAPH_NAMES:
+        assert (fp32_dir / name).read_bytes() == before[name]  # fp32 graphs untouched
+        ops = {node.op_type for node in onnx.load(str(int8_dir / name)).graph.node}
+        assert "DynamicQuantizeLinear" in ops and "MatMulInteger" in ops, (name, ops)
+    mtimes = [(int8_dir / n).stat().st_mtime_ns for n in GRAPH_NAMES]
+    assert exported_decoder_dir(decoder, "int8") == int8_dir  # cached: not quantised again
+    assert [(int8_dir / n).stat().st_mtime_ns for n in GRAPH_NAMES] == mtimes
+    with pytest.raises(ConfigError, match="fp32 or int8"):
+        exported_decoder_dir(decoder, "int4")
+
+
+def test_int8_decoder_logits_are_close_to_fp32(tiny_model_dir):
+    import numpy as np
+    import torch
+
+    fp32, int8 = _steppers(_tiny_decoder(tiny_model_dir))
+    features = _features(0)
+    (memory32, state32), (memory8, state8) = fp32.start(features), int8.start(features)
+    tokens = torch.tensor([1, 4, 5, 6])
+    logits32, _, alpha32 = fp32.step(tokens, state32, memory32)
+    logits8, _, alpha8 = int8.step(tokens, state8, memory8)
+    a, b = logits32.numpy().ravel(), logits8.numpy().ravel()
+    # int8 weights, per-call int8 activations: measured 0.5% relative error, correlation
+    # 0.99999; a broken or unquantised-but-wrong graph is far off either
+    assert np.linalg.norm(a - b) / np.linalg.norm(a) < 0.03
+    assert np.corrcoef(a, b)[0, 1] > 0.999
+    assert (logits32.argmax(1) == logits8.argmax(1)).float().mean() >= 0.75
+    assert np.abs(alpha32.numpy() - alpha8.numpy()).max() < 0.01  # attention maps sum to 1
+
+    # the fused search step agrees too: the same best candidates, close scores
+    n, w, k = 2, 2, 3
+    V = fp32.vocab_size
+    feed = dict(
+        tokens=np.array([1, 4, 5, 6], dtype=np.int64),
+        bias=np.zeros((n * w, V), dtype=np.float32),
+        cum=np.zeros((n, w), dtype=np.float32),
+        k=k,
+    )
+    rows = lambda s: tuple(np.repeat(x.numpy()[:n], w, axis=0) for x in s)  # noqa: E731
+    mem = lambda m: tuple(x.numpy()[:n] for x in m)  # noqa: E731
+    v32, i32, _, _ = fp32.search_step(state=rows(state32), memory=mem(memory32), **feed)
+    v8, i8, _, _ = int8.search_step(state=rows(state8), memory=mem(memory8), **feed)
+    assert np.abs(v32 - v8).max() < 0.02 and (i32[:, 0] == i8[:, 0]).all()
+
+
+def test_int8_decoder_captions_mostly_equal_fp32(tiny_model_dir):
+    from captioner.api import Captioner
+
+    fp32 = Captioner.from_pretrained(tiny_model_dir, precision="fp32")
+    int8 = Captioner.from_pretrained(tiny_model_dir, precision="fp32")
+    int8.stepper = _steppers(int8.model.decoder)[1]  # the same fp32 grids: only the decoder
+    features = _features(1, n=8)
+    a = [r.caption for r in fp32.caption_features(features, beam_size=3, max_length=8)]
+    b = [r.caption for r in int8.caption_features(features, beam_size=3, max_length=8)]
+    # measured 8/8; an untrained decoder's near-uniform logits let rounding change a word
+    assert sum(x == y for x, y in zip(a, b, strict=True)) >= 6, (a, b)
+
+
+def test_decoder_precision_follows_the_encoder(int8_file, tiny_model_dir, monkeypatch):
+    from captioner.api import Captioner
+    from captioner.features.quantize import decoder_precision
+
+    assert decoder_precision("int8", "int8") == "int8"
+    assert decoder_precision("auto", "fp32") == decoder_precision("fp32", "fp32") == "fp32"
+    assert decoder_precision("auto", "int8") == "int8"  # INT8_DECODER_BY_DEFAULT
+    monkeypatch.setattr(quantize, "INT8_DECODER_BY_DEFAULT", False)
+    assert decoder_precision("auto", "int8") == "fp32"
+    assert decoder_precision("int8", "int8") == "int8"  # asked for by name: still int8
+    monkeypatch.undo()
+
+    def made(precision, backend="auto"):
+        captioner = Captioner.from_pretrained(tiny_model_dir, backend, precision=precision)
+        return captioner.precision, captioner.decoder_precision, captioner.stepper
+
+    enc, dec, stepper = made("int8")
+    assert (enc, dec) == ("int8", "int8") and "-int8-dq" in stepper.onnx_dir.name
+    assert stepper.fused  # the int8 search graph is there: the fused path
+    enc, dec, stepper = made("auto")  # int8_file is the default: auto is int8 throughout
+    assert (enc, dec) == ("int8", "int8") and "-int8-dq" in stepper.onnx_dir.name
+    enc, dec, stepper = made("fp32")  # fp32 unchanged: the fp32 export's own directory
+    assert (enc, dec) == ("fp32", "fp32") and "int8" not in stepper.onnx_dir.name
+    assert made("auto", backend="torch")[:2] == ("fp32", "fp32")

@@ -32,6 +32,10 @@ PRECISIONS = ("auto", "fp32", "int8")
 # int8 earned the default: on the Flickr8k test split (bundled model, beam 3) it costs 0.23
 # BLEU-4 and gains 0.23 CIDEr-D (the bar: at most 0.3 and 0.5), for a ~1.7x faster encoder
 DEFAULT_PRECISION = "auto"
+# the decoder's graphs follow the encoder: int8 (dynamic quantisation, model/onnx_decoder.py)
+# when the encoder is int8, for "int8" and for "auto" while INT8_DECODER_BY_DEFAULT holds; an
+# fp32 encoder always has the fp32 decoder. Measured on the Flickr8k test split: see below.
+INT8_DECODER_BY_DEFAULT = True
 DEFAULT_CALIBRATION_IMAGES = 300
 # the ImageNet head (mean pool + linear) stays fp32: it is 1% of the work, and the concepts it
 # feeds (grounding) are logits whose small differences matter after a softmax
@@ -51,6 +55,14 @@ def resolve_precision(encoder: str, precision: str) -> str:
     if check_precision(precision) != "auto":
         return precision
     return "int8" if default_int8_encoder(encoder) is not None else "fp32"
+
+
+def decoder_precision(requested: str, encoder_precision: str) -> str:
+    """fp32 or int8 for the decoder graphs, from the precision asked for and the encoder's
+    resolved one: int8 only beside an int8 encoder ("auto" only by INT8_DECODER_BY_DEFAULT)."""
+    if encoder_precision != "int8":
+        return "fp32"
+    return "int8" if requested == "int8" or INT8_DECODER_BY_DEFAULT else "fp32"
 
 
 @dataclass(frozen=True)

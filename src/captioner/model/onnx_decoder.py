@@ -16,17 +16,27 @@ is never expanded to the beams; its cost is close to the step's arithmetic.
 from __future__ import annotations
 
 import hashlib
+import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from captioner.errors import ConfigError
 from captioner.features.onnx import _quiet_export, cache_root, ort_session
 from captioner.io import atomic_path
 from captioner.model.decoder import ShowAttendTellDecoder
 
 EXPORT_VERSION = 4  # bump when the exported graphs change
+GRAPH_NAMES = ("decoder_start.onnx", "decoder_step.onnx", "decoder_search.onnx")
+DECODER_PRECISIONS = ("fp32", "int8")
+# int8 decoder graphs: ORT dynamic quantisation of the fp32 ones (int8 per-channel weights,
+# activations quantised per call) of every MatMul/Gemm with a weight. A beam step reads ~15 MB
+# of fp32 weights for a few rows of arithmetic, so one image's decoding is memory-bound; int8
+# weights are a quarter of the bytes. The embedding tables are row lookups (Gather) and stay fp32.
+DYNAMIC_QUANT_VERSION = 1  # bump when the int8 recipe changes (a new directory, fp32 untouched)
 
 
 class _Start(nn.Module):
@@ -191,17 +201,65 @@ def weights_digest(decoder: ShowAttendTellDecoder) -> str:
     return digest.hexdigest()[:16]
 
 
-def exported_decoder_dir(decoder: ShowAttendTellDecoder) -> Path:
-    """Where the ONNX files of these exact weights live (export on first use)."""
+def exported_decoder_dir(decoder: ShowAttendTellDecoder, precision: str = "fp32") -> Path:
+    """Where the ONNX files of these exact weights live (export on first use); ``precision``
+    "int8" is the dynamically quantised copy of them, in a directory beside the fp32 one."""
+    if precision not in DECODER_PRECISIONS:
+        raise ConfigError(f"decoder precision must be fp32 or int8, not {precision!r}")
     out_dir = (
         cache_root()
         / "onnx"
         / (f"decoder-v{EXPORT_VERSION}-{weights_digest(decoder)}-torch{torch.__version__}")
     )
-    names = ["decoder_start.onnx", "decoder_step.onnx", "decoder_search.onnx"]
-    if not all((out_dir / name).is_file() for name in names):
+    if not all((out_dir / name).is_file() for name in GRAPH_NAMES):
         out_dir.mkdir(parents=True, exist_ok=True)
         export_decoder(decoder, out_dir)
+    return out_dir if precision == "fp32" else quantize_decoder_dir(out_dir)
+
+
+@contextmanager
+def _no_preprocess_hint():
+    """quantize_dynamic logs "consider pre-processing" on the root logger for every graph:
+    advice for static quantisation of conv nets, noise here."""
+
+    def drop(record: logging.LogRecord) -> bool:
+        return "pre-processing" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
+def int8_decoder_dir(fp32_dir: Path) -> Path:
+    """<fp32 dir>-int8-dq<version>-ort<version>: the quantiser's output depends on both."""
+    import onnxruntime
+
+    return fp32_dir.with_name(
+        f"{fp32_dir.name}-int8-dq{DYNAMIC_QUANT_VERSION}-ort{onnxruntime.__version__}"
+    )
+
+
+def quantize_decoder_dir(fp32_dir: Path) -> Path:
+    """The int8 copies of ``fp32_dir``'s graphs (quantised on first use, each file atomically;
+    a graph the fp32 directory lacks, e.g. a ``captioner export`` dir's search, is skipped)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out_dir = int8_decoder_dir(fp32_dir)
+    for name in GRAPH_NAMES:
+        source, target = fp32_dir / name, out_dir / name
+        if target.is_file() or not source.is_file():
+            continue
+        with atomic_path(target) as tmp, _no_preprocess_hint():
+            quantize_dynamic(
+                str(source),
+                str(tmp),
+                op_types_to_quantize=["MatMul", "Gemm"],
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+            )
     return out_dir
 
 
@@ -209,6 +267,7 @@ class OrtStepper:
     """The Stepper protocol over ONNX Runtime sessions (tensors in and out are torch, CPU)."""
 
     def __init__(self, onnx_dir: Path, cell: str, threads: int | None = None):
+        self.onnx_dir = onnx_dir  # which graphs (fp32 or int8) this stepper runs
         self.start_session = ort_session(onnx_dir / "decoder_start.onnx", threads)
         self.step_session = ort_session(onnx_dir / "decoder_step.onnx", threads)
         self.num_state = 1 if cell == "gru" else 2
