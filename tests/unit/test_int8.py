@@ -382,10 +382,9 @@ def test_decoder_precision_follows_the_encoder(int8_file, tiny_model_dir, monkey
 
     assert decoder_precision("int8", "int8") == "int8"
     assert decoder_precision("auto", "fp32") == decoder_precision("fp32", "fp32") == "fp32"
-    assert decoder_precision("auto", "int8") == "int8"  # INT8_DECODER_BY_DEFAULT
-    monkeypatch.setattr(quantize, "INT8_DECODER_BY_DEFAULT", False)
-    assert decoder_precision("auto", "int8") == "fp32"
-    assert decoder_precision("int8", "int8") == "int8"  # asked for by name: still int8
+    assert decoder_precision("auto", "int8") == "fp32"  # not INT8_DECODER_BY_DEFAULT
+    monkeypatch.setattr(quantize, "INT8_DECODER_BY_DEFAULT", True)
+    assert decoder_precision("auto", "int8") == "int8"
     monkeypatch.undo()
 
     def made(precision, backend="auto"):
@@ -395,8 +394,12 @@ def test_decoder_precision_follows_the_encoder(int8_file, tiny_model_dir, monkey
     enc, dec, stepper = made("int8")
     assert (enc, dec) == ("int8", "int8") and "-int8-dq" in stepper.onnx_dir.name
     assert stepper.fused  # the int8 search graph is there: the fused path
-    enc, dec, stepper = made("auto")  # int8_file is the default: auto is int8 throughout
-    assert (enc, dec) == ("int8", "int8") and "-int8-dq" in stepper.onnx_dir.name
+    enc, dec, stepper = made("auto")  # int8_file is the default: int8 encoder, fp32 decoder
+    assert (enc, dec) == ("int8", "fp32") and "int8" not in stepper.onnx_dir.name
+    monkeypatch.setattr(quantize, "INT8_DECODER_BY_DEFAULT", True)
+    assert made("auto")[:2] == ("int8", "int8")
+    assert made("fp32")[:2] == ("fp32", "fp32")  # fp32 stays fp32 whatever the default
+    monkeypatch.undo()
     enc, dec, stepper = made("fp32")  # fp32 unchanged: the fp32 export's own directory
     assert (enc, dec) == ("fp32", "fp32") and "int8" not in stepper.onnx_dir.name
     assert made("auto", backend="torch")[:2] == ("fp32", "fp32")
