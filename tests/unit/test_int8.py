@@ -269,10 +269,11 @@ def test_export_refuses_an_int8_encoder_far_from_fp32(
 
 
 def test_auto_precision_is_int8_once_there_is_an_int8_encoder(
-    fresh_cache, tiny_model_dir, calibration_dir
+    fresh_cache, tiny_model_dir, calibration_dir, monkeypatch
 ):
     from captioner.api import Captioner
 
+    monkeypatch.setattr(quantize, "INT8_ENCODER_BY_DEFAULT", True)
     assert Captioner.from_pretrained(tiny_model_dir).precision == "fp32"  # none yet
     made = quantize_encoder(ENCODER, calibration_from_dir(calibration_dir))
     captioner = Captioner.from_pretrained(tiny_model_dir)  # precision="auto", the default
@@ -280,6 +281,8 @@ def test_auto_precision_is_int8_once_there_is_an_int8_encoder(
     assert Captioner.from_pretrained(tiny_model_dir, precision="fp32").precision == "fp32"
     assert FeatureExtractor(ENCODER, backend="torch", precision="auto").precision == "fp32"
     assert FeatureExtractor(ENCODER).precision == "fp32"  # the feature cache's: always fp32
+    monkeypatch.setattr(quantize, "INT8_ENCODER_BY_DEFAULT", False)  # the shipped rule
+    assert Captioner.from_pretrained(tiny_model_dir).precision == "fp32"
 
 
 # --- int8 decoder graphs (dynamic quantisation of decoder_start/step/search.onnx) ---
@@ -394,6 +397,7 @@ def test_decoder_precision_follows_the_encoder(int8_file, tiny_model_dir, monkey
     enc, dec, stepper = made("int8")
     assert (enc, dec) == ("int8", "int8") and "-int8-dq" in stepper.onnx_dir.name
     assert stepper.fused  # the int8 search graph is there: the fused path
+    monkeypatch.setattr(quantize, "INT8_ENCODER_BY_DEFAULT", True)
     enc, dec, stepper = made("auto")  # int8_file is the default: int8 encoder, fp32 decoder
     assert (enc, dec) == ("int8", "fp32") and "int8" not in stepper.onnx_dir.name
     monkeypatch.setattr(quantize, "INT8_DECODER_BY_DEFAULT", True)

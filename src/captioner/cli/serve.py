@@ -183,7 +183,7 @@ def register(app: typer.Typer) -> None:
         precision: str = typer.Option(
             DEFAULT_PRECISION,
             help="Encoder: fp32, int8 (made by `captioner export --precision int8`) or auto "
-            "(int8 if made).",
+            "(fp32 for now: int8 is over the quality bar for the bundled model).",
         ),
         device: str = typer.Option(
             "auto",

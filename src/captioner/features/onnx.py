@@ -79,7 +79,9 @@ class FeatureExtractor:
 
     ``precision="int8"`` runs the statically quantised export (features/quantize.py) that
     ``captioner export --precision int8`` made default; it needs ONNX Runtime, so it never falls
-    back to PyTorch (that would quietly be fp32). "auto" is int8 when there is such a file."""
+    back to PyTorch (that would quietly be fp32). "auto" is int8 only while
+    int8 is the default by the quality bar (quantize.INT8_ENCODER_BY_DEFAULT) and there is such a
+    file."""
 
     def __init__(
         self,
