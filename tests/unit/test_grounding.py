@@ -338,3 +338,26 @@ def test_ground_command_fits_and_saves_beside_a_copy(shapes_prepared, tiny_model
     assert Grounder.from_pretrained(out).config.strength == 0.5
     bad = runner.invoke(app, ["ground", str(tiny_model_dir), "--strengths", "x,1"])
     assert bad.exit_code != 0 and "Traceback" not in bad.output
+
+
+def test_evaluate_reports_grounding_and_can_turn_it_off(shapes_prepared, tiny_model_dir, tmp_path):
+    import shutil
+
+    from captioner.api import Captioner
+    from captioner.evaluation.evaluate import evaluate
+    from captioner.grounding.fit import fit_grounding
+
+    model_dir = tmp_path / "grounded"
+    shutil.copytree(tiny_model_dir, model_dir)
+    plain = Captioner.from_pretrained(model_dir, backend="torch")
+    grounder, _ = fit_grounding(
+        plain.vocab, shapes_prepared, plain.spec.name, GroundingConfig(), log=lambda *_: None
+    )
+    grounder.save_pretrained(model_dir)
+    common = dict(split="test", beam_size=2, max_length=6, use_java=False, progress=False)
+    on = evaluate(model_dir, shapes_prepared.work_dir, out_dir=tmp_path / "on", **common)
+    off = evaluate(
+        model_dir, shapes_prepared.work_dir, out_dir=tmp_path / "off", grounding=False, **common
+    )
+    assert on["grounding"] == {"strength": 0.5, "ood_strength": 5.0}
+    assert off["grounding"] is None

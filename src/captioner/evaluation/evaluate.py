@@ -99,6 +99,7 @@ def evaluate(
     progress: bool = True,
     precision: str = DEFAULT_PRECISION,
     device: str = "cpu",
+    grounding: bool = True,
 ) -> dict:
     """Caption every image of ``split`` of the prepared ``work_dir``, score, write, return report.
 
@@ -106,6 +107,7 @@ def evaluate(
     ``limit`` > 0 evaluates only the first ``limit`` images of the split (a quick check).
     ``use_java`` is passed to :func:`score_captions` (None: Java if available). ``out_dir``
     defaults to ``runs/eval/<model directory name>`` (``runs/eval/captioner`` for a Captioner).
+    ``grounding=False`` decodes a grounded model without its concept bias (an ablation).
     ``precision`` is the encoder's and ``device`` where encoder and decoder run ("cpu", "cuda"
     or "auto", see :class:`Captioner`); a loaded Captioner brings its own.
     """
@@ -156,6 +158,7 @@ def evaluate(
         length_penalty=length_penalty,
         no_repeat_ngram_size=no_repeat_ngram_size,
         return_attention=False,
+        grounding=grounding,
     )
     predictions: dict[str, str] = {}
     decode_start = time.perf_counter()
@@ -195,6 +198,15 @@ def evaluate(
         "no_repeat_ngram_size": no_repeat_ngram_size,
         "encoder": captioner.spec.name,
         "backend": captioner.backend,
+        # the concept bias's in-domain / out-of-domain strengths, or None (no grounding, or off)
+        "grounding": (
+            {
+                "strength": captioner.grounder.config.strength,
+                "ood_strength": captioner.grounder.config.ood_strength,
+            }
+            if captioner.grounder is not None and grounding
+            else None
+        ),
         "precision": precision,
         "device": str(captioner.device),
         # the ONNX file in use (None: PyTorch, which the GPU extractor has no attribute for)
