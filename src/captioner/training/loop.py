@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import math
 import random
 import time
@@ -17,16 +15,15 @@ from captioner.devices import autocast, grad_scaler, resolve_device, resolve_pre
 from captioner.errors import ConfigError, DataError
 from captioner.features.encoders import get_spec
 from captioner.features.pipeline import ensure_features
-from captioner.io import atomic_write_json, atomic_write_text, read_json
-from captioner.model.captioning_model import CaptioningModel
+from captioner.io import atomic_write_json, read_json
 from captioner.model.config import DecoderConfig
 from captioner.model.decoder import ShowAttendTellDecoder, masked_caption_loss
 from captioner.progress import progress_bar as tqdm  # no bars when stderr is not a TTY
-from captioner.training.averaging import save_epoch_weights
 from captioner.training.batching import CaptionSamples, build_samples, image_batches
 from captioner.training.checkpoint import resume_latest, save_checkpoint, start_over
 from captioner.training.config import TrainConfig, _Settings
 from captioner.training.distributed import DistContext, broadcast_flag, init_distributed, shutdown
+from captioner.training.epochs import EpochRecorder, new_progress
 from captioner.training.feature_store import TrainingFeatures
 
 
@@ -152,140 +149,6 @@ def load_training_features(
     if not val_names:
         raise DataError("the dev split is empty: validation needs dev images")
     return TrainingFeatures(cache_dirs, list(splits.train), list(val_names))
-
-
-def validate(
-    decoder,
-    features: torch.Tensor,
-    names: list[str],
-    captions: dict,
-    vocab,
-    max_length: int,
-    batch_size: int = 200,
-    device: torch.device | None = None,
-) -> dict[str, float]:
-    """Free-running greedy decoding of dev images, scored against their references.
-    ``features`` is (N, P, C): a tensor, or a RowSet read slice by slice."""
-    from captioner.decoding import greedy_decode
-    from captioner.evaluation.metrics import score_captions
-
-    decoder.eval()
-    predictions = {}
-    with torch.inference_mode():
-        for start in range(0, len(names), batch_size):
-            batch = features[start : start + batch_size].to(device or "cpu").float()
-            for name, result in zip(
-                names[start : start + batch_size],
-                greedy_decode(decoder, batch, max_length=max_length),
-            ):
-                predictions[name] = vocab.decode(result.token_ids)
-    decoder.train()
-    scores = score_captions({n: captions[n] for n in names}, predictions, use_java=False)
-    return {"BLEU-4": scores["BLEU-4"], "CIDEr-D": scores["CIDEr-D"]}
-
-
-def write_metrics(run_dir: Path, history: list[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(history[0]) if history else ["epoch"])
-    writer.writeheader()
-    writer.writerows(history)
-    atomic_write_text(run_dir / "metrics.csv", buffer.getvalue())
-    if history:
-        from captioner.viz.curves import plot_training_curves
-
-        plot_training_curves(history, run_dir / "curves.png")
-
-
-class EpochRecorder:
-    """The end of an epoch, for `train` and `scst` alike: free-running dev validation, a
-    metrics.csv row and curves.png, the best model saved to best/, the weights kept for
-    averaging, and the patience count."""
-
-    def __init__(
-        self,
-        run_dir: Path,
-        decoder: ShowAttendTellDecoder,
-        vocab,
-        spec,
-        features: TrainingFeatures,
-        captions: dict,
-        *,
-        select_metric: str,
-        keep_epochs: int,
-        val_max_length: int,
-        extra: dict,
-        log=print,
-        device: torch.device | None = None,
-    ):
-        self.run_dir, self.decoder, self.vocab, self.spec = run_dir, decoder, vocab, spec
-        self.features, self.captions = features, captions
-        self.select_metric, self.keep_epochs = select_metric, keep_epochs
-        self.val_max_length, self.extra, self.log = val_max_length, extra, log
-        self.device = device
-
-    def end_epoch(self, state: dict, epoch: int, train_column: tuple[str, float], lr: float):
-        """Validate and record epoch ``epoch`` (0-based) in ``state``; True if it is the best."""
-        f = self.features
-        scores = validate(
-            self.decoder,
-            f.val,
-            f.val_names,
-            self.captions,
-            self.vocab,
-            self.val_max_length,
-            device=self.device,
-        )
-        name, value = train_column
-        row = {
-            "epoch": epoch + 1,
-            "step": state["step"],
-            name: round(value, 4),
-            "val_BLEU-4": round(scores["BLEU-4"], 2),
-            "val_CIDEr-D": round(scores["CIDEr-D"], 2),
-            "lr": f"{lr:.2e}",
-            "seconds": round(state["seconds"], 1),
-        }
-        state["history"].append(row)
-        best = state["best"]
-        improved = best is None or scores[self.select_metric] > best["value"]
-        if improved:
-            state["best"] = {
-                "epoch": epoch + 1,
-                "value": scores[self.select_metric],
-                "metric": self.select_metric,
-            }
-            state["bad_epochs"] = 0
-            CaptioningModel(self.decoder, self.vocab, self.spec).save_pretrained(
-                self.run_dir / "best",
-                extra={"dev": {**scores, "epoch": epoch + 1}, **self.extra},
-            )
-        else:
-            state["bad_epochs"] += 1
-        write_metrics(self.run_dir, state["history"])
-        save_epoch_weights(self.run_dir, epoch + 1, self.decoder, self.keep_epochs)
-        self.log(
-            f"epoch {epoch + 1}: {name.replace('_', ' ')} {row[name]:.3f}  "
-            f"dev BLEU-4 {row['val_BLEU-4']:.2f}"
-            f"  CIDEr-D {row['val_CIDEr-D']:.2f}" + ("  (best)" if improved else "")
-        )
-        return improved
-
-
-def new_progress() -> dict:
-    """Where a run stands; checkpoints save it (minus the step, which names them) as JSON."""
-    return {
-        "epoch": 0,  # epochs finished
-        "batch": 0,  # batches finished in the current epoch
-        "step": 0,  # optimizer steps in all
-        "history": [],  # metrics.csv rows
-        "best": None,  # {"epoch", "value", "metric"} of the best dev score so far
-        "bad_epochs": 0,  # epochs since it last improved
-        "seconds": 0.0,  # training time, validation excluded
-        # the epoch's train column (loss or reward) so far, so that a resumed epoch's mean
-        # covers the batches before the interruption too
-        "train_sum": 0.0,
-        "train_count": 0,
-    }
 
 
 def train(cfg: TrainConfig, restart: bool = False, log=print) -> Path:

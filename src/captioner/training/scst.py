@@ -29,11 +29,10 @@ from captioner.training.batching import CaptionSamples, build_samples, image_bat
 from captioner.training.caption_reward import CaptionReward
 from captioner.training.checkpoint import resume_latest, save_checkpoint, start_over
 from captioner.training.config import ScstConfig
+from captioner.training.epochs import EpochRecorder, new_progress
 from captioner.training.loop import (
-    EpochRecorder,
     cosine_decay,
     load_training_features,
-    new_progress,
     prepare_data,
     save_settings,
 )
