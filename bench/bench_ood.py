@@ -14,6 +14,10 @@ Printed: a per-photo table (caption, subject named?, invented person / dog?) and
 
     python bench/bench_ood.py                          # the bundled model, beam 3
     python bench/bench_ood.py --model runs/exp1/best --json /tmp/ood.json
+    python bench/bench_ood.py --photos bench/ood/photos_heldout.json --no-grounding
+
+--no-grounding decodes without the concepts' word bias (Captioner.caption(grounding=False)), so a
+grounded model can be compared with its own plain decoding on the same photos.
 """
 
 from __future__ import annotations
@@ -161,6 +165,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--beam-size", type=int, default=3)
     parser.add_argument("--photos", type=Path, default=PHOTOS_JSON, help="the check set's JSON")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument(
+        "--no-grounding",
+        action="store_true",
+        help="decode without the concept word bias (concepts are still computed)",
+    )
     args = parser.parse_args(argv)
 
     common.use_src()
@@ -175,11 +184,17 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         captioner = Captioner.from_pretrained(args.model)
-        captions = caption_photos(captioner, [p.file for p in photos], args.beam_size)
+        files = [p.file for p in photos]
+        captions = caption_photos(captioner, files, args.beam_size, grounding=not args.no_grounding)
     except CaptionerError as exc:
         sys.exit(f"error: {exc}")
     result = score(photos, captions)
-    result["settings"] = {"model": args.model or "bundled", "beam_size": args.beam_size}
+    result["settings"] = {
+        "model": args.model or "bundled",
+        "beam_size": args.beam_size,
+        "photos": args.photos.name,
+        "grounding": not args.no_grounding,
+    }
     print_report(result)
     if args.json is not None:
         atomic_write_json(args.json, result)

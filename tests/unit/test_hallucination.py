@@ -20,6 +20,7 @@ from captioner.evaluation.hallucination import (
 
 REPO = Path(__file__).resolve().parents[2]
 PHOTOS_JSON = REPO / "bench" / "ood" / "photos.json"
+HELDOUT_JSON = REPO / "bench" / "ood" / "photos_heldout.json"
 
 
 def _bench_ood():
@@ -91,9 +92,8 @@ def test_invented_rate_empty_and_share_text():
 # --- the check set's file ------------------------------------------------------------------
 
 
-def test_photos_json_schema():
-    photos = json.loads(PHOTOS_JSON.read_text(encoding="utf-8"))["photos"]
-    assert len(photos) >= 25
+def _check_set_schema(photos_json: Path) -> list[dict]:
+    photos = json.loads(photos_json.read_text(encoding="utf-8"))["photos"]
     ids = [p["id"] for p in photos]
     assert len(set(ids)) == len(ids)
     for photo in photos:
@@ -119,6 +119,23 @@ def test_photos_json_schema():
     assert 3 <= with_people < len(photos) / 2
     # never Flickr8k's own images
     assert not any("flickr" in p["path"].lower() for p in photos)
+    return photos
+
+
+def test_photos_json_schema():
+    assert len(_check_set_schema(PHOTOS_JSON)) >= 25
+
+
+def test_heldout_photos_json_schema_and_no_photo_shared_with_photos_json():
+    heldout = _check_set_schema(HELDOUT_JSON)
+    assert len(heldout) >= 15
+    used = json.loads(PHOTOS_JSON.read_text(encoding="utf-8"))["photos"]
+    shared = {(p["package"], p["path"]) for p in heldout} & {
+        (p["package"], p["path"]) for p in used
+    }
+    assert not shared
+    assert not {p["path"] for p in heldout} & {p["path"] for p in used}
+    assert not {p["id"] for p in heldout} & {p["id"] for p in used}
 
 
 # --- bench_ood.py without the optional packages --------------------------------------------
@@ -198,3 +215,29 @@ def test_load_photos_rejects_malformed_files(tmp_path, content):
     bad.write_text(content)
     with pytest.raises(SystemExit, match="cannot read the check set"):
         bench.load_photos(bad)
+
+
+@pytest.mark.parametrize(("flags", "grounding"), [([], True), (["--no-grounding"], False)])
+def test_main_passes_no_grounding_to_the_captioner(tmp_path, monkeypatch, flags, grounding):
+    import captioner.api
+
+    bench = _bench_ood()
+    photos = tmp_path / "photos.json"
+    entry = {f: getattr(_photo(bench), f) for f in (*bench.FIELDS, "description")}
+    photos.write_text(json.dumps({"photos": [entry]}))
+    calls = []
+
+    class FakeCaptioner:
+        def caption(self, images, **kwargs):
+            calls.append(kwargs)
+            return [type("R", (), {"caption": "a cat"})() for _ in images]
+
+    monkeypatch.setattr(
+        captioner.api.Captioner, "from_pretrained", classmethod(lambda cls, d: FakeCaptioner())
+    )
+    out = tmp_path / "out.json"
+    bench.main(["--photos", str(photos), "--json", str(out), *flags])
+    assert calls == [{"beam_size": 3, "return_attention": False, "grounding": grounding}]
+    result = json.loads(out.read_text())
+    assert result["settings"]["grounding"] is grounding
+    assert result["subject_named"] == [1, 1]
