@@ -7,17 +7,18 @@ What it does, for every image, from the same encoder pass that feeds the decoder
 2. **In-domain score.** :class:`~captioner.grounding.domain.DomainScorer`: the share of held-out
    Flickr8k photos at least as unusual as this one. Below ``threshold`` the photo is called out
    of domain and the caption flagged as possibly wrong.
-3. **Evidence per caption word.** Two sources, mixed by how much the photo looks like the
-   training photos (``trust``: 1 from an in-domain score of ``trust_scale`` on, else 0; a
-   blend in between let the learnt base rates of "man" and "dog" back into photos unlike any
-   training photo, which is what the out-of-domain path exists to stop):
+3. **Evidence per caption word.** Two sources, chosen between by the in-domain flag itself
+   (``trust``: 1 for an in-domain photo, 0 for one flagged out of domain; a blend in between
+   let the learnt base rates of "man" and "dog" back into photos unlike any training photo,
+   which is what the out-of-domain path exists to stop, and the photos the user is warned
+   about are exactly the ones decoded on concepts alone):
    - learnt: :class:`~captioner.grounding.word_model.ConceptWordTable`, how often Flickr8k
      captions of photos with these concepts use the word (Yao et al. 2017's attributes);
    - lexical: the probability of the classes the word names in WordNet ("cat" for the three
      cat classes, "animal" for all animals), which holds on any photo.
-   ``evidence = trust * noisy_or(learnt, lexical) + (1 - trust) * lexical``: in domain, trust
-   what Flickr8k taught; out of domain, trust only what the ImageNet head names, so a cat photo
-   gets no "dog" and no "man" evidence, whatever the decoder's Flickr8k prior says.
+   In domain the evidence is ``noisy_or(learnt, lexical)``; out of domain only the lexicon
+   counts (see :meth:`Grounder.log_ratios`), so a cat photo gets no "dog" and no "man"
+   evidence, whatever the decoder's Flickr8k prior says.
 4. **Word bias.** ``strength * log((evidence + eps) / (base_rate + eps))``, clipped, added to the
    decoder's logits at every step (a product of experts; see :mod:`captioner.decoding.greedy`):
    words the concepts support more than on an average training photo are favoured, words they
@@ -64,9 +65,6 @@ class GroundingConfig:
     max_bias: float = 5.0  # |log evidence ratio| cap per word, before the strength
     # cap of a positive bias, in nats: enough to name a word once against the decoder's prior
     max_bonus: float = 8.0
-    # in-domain score from which the learnt evidence is trusted: the out-of-domain threshold,
-    # so the photos the user is told about are the photos decoded on concepts alone
-    trust_scale: float = 0.01
     # learnt words kept when they rank dev photos at least this well: at 0.75 "man" (0.74) and
     # "woman" (0.73) fell out, the words most often invented; function words rank below 0.62
     min_auc: float = 0.7
@@ -139,8 +137,9 @@ class Grounder:
             raise CheckpointError(f"grounding tables do not match its {W} words")
 
     def trust(self, in_domain: np.ndarray) -> np.ndarray:
-        """(B,) in-domain scores -> (B,) 1.0 where the learnt evidence applies, else 0.0."""
-        return (np.asarray(in_domain) >= self.config.trust_scale).astype(np.float32)
+        """(B,) in-domain scores -> (B,) 1.0 where the learnt evidence applies (the photo is in
+        domain), else 0.0."""
+        return self.domain.in_domain(in_domain).astype(np.float32)
 
     def lexical(self, logits: np.ndarray) -> np.ndarray:
         """(B, 1000) logits -> (B, W) probability of the classes each word names."""
@@ -192,8 +191,8 @@ class Grounder:
         scores = self.domain.score(pooled(grid))  # (B,)
         top = self.concepts.top(softmax(logits), self.config.top_k, self.config.min_prob)
         out = [
-            ImageGrounding(t, float(s), bool(s < self.config.threshold))
-            for t, s in zip(top, scores, strict=True)
+            ImageGrounding(t, float(s), not inside)
+            for t, s, inside in zip(top, scores, self.domain.in_domain(scores), strict=True)
         ]
         return out, scores
 
