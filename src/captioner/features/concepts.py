@@ -68,18 +68,15 @@ class ImageNetConcepts:
     def __post_init__(self) -> None:
         self.vocabulary = sorted({w for ws in self.words for w in ws})
         index = {w: j for j, w in enumerate(self.vocabulary)}
-        # (1000, W) membership: class i is named by display word j
-        self._members = np.zeros((len(self.wnids), len(self.vocabulary)), dtype=np.float32)
-        # (1000, W) the first (most specific) display word of each class only
-        self._first = np.zeros_like(self._members)
+        # (W, 1000), stored word-major for np.einsum (no BLAS thread pool to spin beside ONNX
+        # Runtime's threads; see captioner.grounding.word_model.mix): membership, class i is
+        # named by display word j; and the first (most specific) display word of each class only
+        self._members_t = np.zeros((len(self.vocabulary), len(self.wnids)), dtype=np.float32)
+        self._first_t = np.zeros_like(self._members_t)
         for i, ws in enumerate(self.words):
             for w in ws:
-                self._members[i, index[w]] = 1.0
-            self._first[i, index[ws[0]]] = 1.0
-        # transposed copies, multiplied by np.einsum (no BLAS thread pool to spin beside ONNX
-        # Runtime's threads; see captioner.grounding.word_model.mix)
-        self._members_t = np.ascontiguousarray(self._members.T)
-        self._first_t = np.ascontiguousarray(self._first.T)
+                self._members_t[index[w], i] = 1.0
+            self._first_t[index[ws[0]], i] = 1.0
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> ImageNetConcepts:
