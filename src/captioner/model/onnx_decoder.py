@@ -83,17 +83,11 @@ def _gates(cell: str, gx: torch.Tensor, gh: torch.Tensor, state: tuple) -> tuple
     return (torch.sigmoid(o) * torch.tanh(c), c)
 
 
-class _Search(nn.Module):
+class _Search(_Step):
     """One search step for n images x w rows (N = n*w, an image's rows adjacent): the step of
-    ``_Step`` with the attention broadcast over each image's unexpanded memory, then the
-    masked, biased log-softmax, the candidates' summed log-probs and their top k per image."""
-
-    def __init__(self, decoder: ShowAttendTellDecoder):
-        super().__init__()
-        self.decoder = decoder
-        with torch.no_grad():
-            table = decoder.w_embed(decoder.embedding.weight)  # (V, G*H)
-        self.register_buffer("embed_gates", table)
+    ``_Step`` (same folded embedding table) with the attention broadcast over each image's
+    unexpanded memory, then the masked, biased log-softmax, the candidates' summed log-probs
+    and their top k per image."""
 
     def forward(self, tokens, feats, keys, bias, cum, k, *state):
         """tokens (N,), feats (n, P, D), keys (n, P, A), bias (N, V) each row's word bias with
