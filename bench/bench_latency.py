@@ -338,32 +338,35 @@ def main(argv: list[str] | None = None) -> int:
             rows,
         )
     )
-    p50 = [np.percentile(b.latencies, 50) for b in (ours, eager)]
-    thr = [b.batch_images / b.batch_seconds for b in (ours, eager)]
-    same = sum(a == b for a, b in zip(ours.captions, eager.captions, strict=True))
-    print(
-        f"\neager / ORT: **{p50[1] / p50[0]:.2f}x** at p50, {thr[0] / thr[1]:.2f}x batched "
-        f"throughput; identical captions {same}/{len(ours.captions)}"
-    )
-    if args.compare_plain:
-        plain = next(b for b in backends if b.label == "ONNX Runtime, plain step")
-        p50_plain = np.percentile(plain.latencies, 50)
-        thr_plain = plain.batch_images / plain.batch_seconds
-        same_plain = sum(a == b for a, b in zip(ours.captions, plain.captions, strict=True))
+
+    def against(other, label: str, bold: bool = False) -> int:
+        """Print other's p50 over ours and our batched throughput over other's, interleaved in
+        this run; return how many captions both gave alike."""
+        p50_ratio = np.percentile(other.latencies, 50) / np.percentile(ours.latencies, 50)
+        thr_ratio = (ours.batch_images / ours.batch_seconds) / (
+            other.batch_images / other.batch_seconds
+        )
+        same = sum(a == b for a, b in zip(ours.captions, other.captions, strict=True))
+        shown = f"**{p50_ratio:.2f}x**" if bold else f"{p50_ratio:.2f}x"
         print(
-            f"plain step / fused step: {p50_plain / p50[0]:.2f}x at p50, {thr[0] / thr_plain:.2f}x "
-            f"batched throughput; identical captions {same_plain}/{len(ours.captions)}"
+            f"{label}: {shown} at p50, {thr_ratio:.2f}x batched throughput; identical captions "
+            f"{same}/{len(ours.captions)}"
+        )
+        return same
+
+    print()
+    same = against(eager, "eager / ORT", bold=True)
+    if args.compare_plain:
+        against(
+            next(b for b in backends if b.label == "ONNX Runtime, plain step"),
+            "plain step / fused step",
         )
     if args.compare_int8_decoder:
-        other = next(b for b in backends if b.label == "ONNX Runtime, fp32 decoder")
-        p50_other = np.percentile(other.latencies, 50)
-        thr_other = other.batch_images / other.batch_seconds
-        same_other = sum(a == b for a, b in zip(ours.captions, other.captions, strict=True))
-        print(
-            f"fp32 decoder / int8 decoder: {p50_other / p50[0]:.2f}x at p50, "
-            f"{thr[0] / thr_other:.2f}x batched throughput; identical captions "
-            f"{same_other}/{len(ours.captions)}"
+        against(
+            next(b for b in backends if b.label == "ONNX Runtime, fp32 decoder"),
+            "fp32 decoder / int8 decoder",
         )
+    p50 = [np.percentile(b.latencies, 50) for b in (ours, eager)]
     untrained = not isinstance(read_json(Path(model_path) / "config.json").get("extra"), dict)
     if untrained and same < len(ours.captions):
         print(
