@@ -23,7 +23,11 @@ DEFAULT_THRESHOLD = 0.01
 
 def pooled(grid: np.ndarray) -> np.ndarray:
     """Encoder grids (B, P, C) -> unit-length pooled features (B, C) float32."""
-    mean = np.asarray(grid, dtype=np.float32).mean(axis=1)  # (B, C)
+    return unit_rows(np.asarray(grid, dtype=np.float32).mean(axis=1))  # (B, C)
+
+
+def unit_rows(mean: np.ndarray) -> np.ndarray:
+    """Mean-pooled features (B, C) -> the same scaled to unit length (what the scorer reads)."""
     return mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-8)
 
 

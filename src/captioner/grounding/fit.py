@@ -18,7 +18,7 @@ from captioner.data.vocab import Vocabulary, tokenize
 from captioner.errors import DataError
 from captioner.features.concepts import ImageNetConcepts, is_object_word, load_object_words
 from captioner.features.encoders import concept_head
-from captioner.grounding.domain import DEFAULT_COMPONENTS, DomainScorer
+from captioner.grounding.domain import DEFAULT_COMPONENTS, DomainScorer, unit_rows
 from captioner.grounding.grounder import Grounder, GroundingConfig
 from captioner.grounding.word_model import ConceptWordTable, roc_auc
 
@@ -48,8 +48,7 @@ def split_inputs(prepared: PreparedData, encoder: str) -> dict[str, SplitInputs]
             means.append(grids[i : i + 512].float().mean(dim=1))  # (b, C)
         mean = torch.cat(means)  # (N, C)
         logits = head(mean).numpy()  # (N, 1000)
-    mean = mean.numpy()
-    unit = mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-8)
+    unit = unit_rows(mean.numpy())  # (N, C), as domain.pooled() gives for one grid
     index = {n: i for i, n in enumerate(names)}
     out = {}
     for split in ("train", "val"):
