@@ -21,6 +21,7 @@ from captioner.evaluation.hallucination import (
 REPO = Path(__file__).resolve().parents[2]
 PHOTOS_JSON = REPO / "bench" / "ood" / "photos.json"
 HELDOUT_JSON = REPO / "bench" / "ood" / "photos_heldout.json"
+HELDOUT2_JSON = REPO / "bench" / "ood" / "photos_heldout2.json"
 
 
 def _bench_ood():
@@ -136,6 +137,20 @@ def test_heldout_photos_json_schema_and_no_photo_shared_with_photos_json():
     assert not shared
     assert not {p["path"] for p in heldout} & {p["path"] for p in used}
     assert not {p["id"] for p in heldout} & {p["id"] for p in used}
+
+
+def test_second_heldout_photos_json_schema_and_nothing_shared_with_the_other_sets():
+    heldout2 = _check_set_schema(HELDOUT2_JSON)
+    assert len(heldout2) >= 30
+    # at most a third show a person or a dog
+    assert 3 * sum(p["has_person"] or p["has_dog"] for p in heldout2) <= len(heldout2)
+    for other_json in (PHOTOS_JSON, HELDOUT_JSON):
+        used = json.loads(other_json.read_text(encoding="utf-8"))["photos"]
+        assert not {p["path"] for p in heldout2} & {p["path"] for p in used}, other_json
+        assert not {p["id"] for p in heldout2} & {p["id"] for p in used}, other_json
+        # new packages only: a package already in a set could ship the same photo twice
+        packages = {p["package"].lower().replace("_", "-") for p in used}
+        assert not {p["package"].lower().replace("_", "-") for p in heldout2} & packages
 
 
 # --- bench_ood.py without the optional packages --------------------------------------------
