@@ -7,11 +7,12 @@ preprocessing or decoding.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -235,10 +236,7 @@ class Captioner:
         images = list(images)
         if not images:
             return []
-        if self.grounder is None:
-            features, logits = self.encode(images), None
-        else:
-            features, logits = self.encode_with_concepts(images)
+        features, logits = self.encode_batch(images)
         return self.caption_features(
             features,
             beam_size,
@@ -251,6 +249,35 @@ class Captioner:
             grounding_strength=grounding_strength,
             concept_logits=logits,
         )
+
+    def encode_batch(self, images: Sequence[ImageInput]) -> tuple[torch.Tensor, np.ndarray | None]:
+        """What ``caption`` encodes: grids (B, P, C) and, for a grounded model, the ImageNet
+        logits (B, 1000) of the same pass (else None); the input to ``caption_features``."""
+        if self.grounder is None:
+            return self.encode(images), None
+        return self.encode_with_concepts(images)
+
+    def caption_batches(
+        self, batches: Iterable[Sequence[ImageInput]], **options: Any
+    ) -> Iterator[list[CaptionResult]]:
+        """``caption(batch, **options)`` for every batch, in order, with the next batch read
+        and encoded in a background thread while this one is decoded, so both stages keep a
+        core busy (bulk captioning's throughput; results equal caption's, batch by batch).
+        An image that cannot be read raises when its batch's results are due."""
+        from captioner.overlap import Failed, overlapped
+
+        stream = overlapped((list(b) for b in batches), lambda b: b and self.encode_batch(b))
+        try:
+            for batch, encoded in stream:
+                if isinstance(encoded, Failed):
+                    raise encoded.error
+                if not batch:
+                    yield []
+                    continue
+                features, logits = encoded
+                yield self.caption_features(features, concept_logits=logits, **options)
+        finally:
+            stream.close()
 
     def caption_features(
         self,

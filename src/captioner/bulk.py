@@ -2,8 +2,10 @@
 
 A background thread walks the inputs, skips the images the sink already has (resume) and
 decodes the rest into a bounded queue, so JPEG decoding overlaps the model and at most
-``prefetch`` decoded images wait in memory. The main thread captions one chunk per model
-call and hands it to the sink (bulk_writers), which makes it durable before the next.
+``prefetch`` decoded images wait in memory. A second thread encodes the next chunk (one
+encoder call, :mod:`captioner.overlap`) while the main thread beam-searches this one and hands
+it to the sink (bulk_writers), which makes it durable before the next: JPEG decoding, the
+encoder and the decoder all overlap, so both cores stay busy.
 Unreadable images are reported and counted, never stopping the run.
 """
 
@@ -22,6 +24,7 @@ from captioner.bulk_inputs import Source, iter_sources, unique
 from captioner.bulk_writers import Sink
 from captioner.data.images import load_image
 from captioner.errors import CaptionerError, ConfigError, ImageLoadError
+from captioner.overlap import Failed, overlapped
 from captioner.progress import progress_bar
 
 if TYPE_CHECKING:
@@ -138,6 +141,21 @@ def decoded_stream(
         worker.join(timeout=5)
 
 
+def _chunks(stream: Iterator[_Decoded], batch_size: int) -> Iterator[list[_Decoded]]:
+    """The stream cut after every ``batch_size`` images (errors and skipped images ride along
+    in their chunk, so everything stays in input order)."""
+    chunk: list[_Decoded] = []
+    images = 0
+    for item in stream:
+        chunk.append(item)
+        images += item.image is not None
+        if images == batch_size:
+            yield chunk
+            chunk, images = [], 0
+    if chunk:
+        yield chunk
+
+
 def caption_chunk(
     captioner: Captioner, images: list[np.ndarray], **settings: Any
 ) -> list[CaptionResult | str]:
@@ -185,12 +203,44 @@ def caption_bulk(
         bar.clear()
         report(message)
 
-    def flush(chunk: list[_Decoded]) -> None:
-        if not chunk:
+    def encode(chunk: list[_Decoded]):
+        images = [d.image for d in chunk if d.image is not None]
+        return captioner.encode_batch(images) if images else None
+
+    def captioned(images: list[_Decoded], encoded: Any) -> list[CaptionResult | str]:
+        if isinstance(encoded, Failed):  # an image the encoder refused: one by one
+            if isinstance(encoded.error, ConfigError) or not isinstance(
+                encoded.error, CaptionerError
+            ):
+                raise encoded.error
+            return caption_chunk(captioner, [d.image for d in images], **settings)
+        features, logits = encoded
+        try:
+            return list(
+                captioner.caption_features(
+                    features, return_attention=False, concept_logits=logits, **settings
+                )
+            )
+        except ConfigError:
+            raise
+        except CaptionerError:
+            return caption_chunk(captioner, [d.image for d in images], **settings)
+
+    def finish(chunk: list[_Decoded], encoded: Any) -> None:
+        images = []
+        for item in chunk:
+            if item.error is not None:
+                problem(item.error)
+                stats.failed += 1
+                bar.update(1)
+            elif item.image is None:
+                stats.skipped += 1
+            else:
+                images.append(item)
+        if not images:
             return
-        results = caption_chunk(captioner, [d.image for d in chunk], **settings)
         done = []
-        for decoded, result in zip(chunk, results, strict=True):
+        for decoded, result in zip(images, captioned(images, encoded), strict=True):
             if isinstance(result, str):
                 problem(result)
                 stats.failed += 1
@@ -201,25 +251,16 @@ def caption_bulk(
             sink.write(done)
         stats.captioned += len(done)
         stats.out_of_domain += sum(bool(getattr(r, "out_of_domain", False)) for _, r in done)
-        bar.update(len(chunk))
+        bar.update(len(images))
 
-    chunk: list[_Decoded] = []
     stream = decoded_stream(inputs, sink, files_from, prefetch or 2 * batch_size)
+    # the next chunk is encoded in a thread while this one is decoded and written (overlap)
+    chunks = overlapped(_chunks(stream, batch_size), encode)
     try:
-        for item in stream:
-            if item.error is not None:
-                problem(item.error)
-                stats.failed += 1
-                bar.update(1)
-            elif item.image is None:
-                stats.skipped += 1
-            else:
-                chunk.append(item)
-                if len(chunk) == batch_size:
-                    flush(chunk)
-                    chunk = []
-        flush(chunk)
+        for chunk, encoded in chunks:
+            finish(chunk, encoded)
     finally:
+        chunks.close()
         stream.close()  # stops the decode thread now, also on an error or Ctrl-C
         bar.close()
         stats.seconds = time.perf_counter() - started

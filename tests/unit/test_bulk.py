@@ -24,17 +24,28 @@ from captioner.errors import DataError
 
 
 class FakeCaptioner:
-    """Captions an image by its top-left red value ("red 7"), recording each call's size."""
+    """Captions an image by its top-left red value ("red 7"), recording each decoder call's
+    size; "encoding" passes the images through (Captioner's encode_batch / caption_features
+    split, which bulk captioning overlaps)."""
 
     def __init__(self) -> None:
         self.calls: list[int] = []
+        self.encode_threads: set[str] = set()
 
-    def caption(self, images, return_attention=True, **settings):
-        self.calls.append(len(images))
+    def encode_batch(self, images):
+        self.encode_threads.add(threading.current_thread().name)
+        return list(images), None
+
+    def caption_features(self, features, return_attention=True, concept_logits=None, **settings):
+        self.calls.append(len(features))
         return [
             CaptionResult(f"red {int(img[0, 0, 0])}", ["red"], -0.5, None, concepts=[("x", 0.5)])
-            for img in images
+            for img in features
         ]
+
+    def caption(self, images, return_attention=True, **settings):
+        features, logits = self.encode_batch(images)
+        return self.caption_features(features, return_attention, logits, **settings)
 
 
 def make_image(path, red: int) -> None:
@@ -80,6 +91,7 @@ def test_streams_recursively_in_order_in_chunks(photos, tmp_path):
     assert all(r["caption"] == f"red {red_of(r['image'])}" for r in records)  # image <-> caption
     assert records[0]["score"] == -0.5 and records[0]["concepts"] == [["x", 0.5]]
     assert fake.calls == [2, 2, 1]
+    assert fake.encode_threads == {"overlap-stage"}  # encoded beside the beam search
     assert (stats.captioned, stats.failed, stats.skipped) == (5, 0, 0)
 
 
@@ -204,7 +216,9 @@ def test_tar_shards_are_streamed(tmp_path):
 
 
 def test_decode_queue_is_bounded(tmp_path, monkeypatch):
-    """The decoder stops prefetch (+1 in hand) images ahead of the model, however slow."""
+    """The decoder stops prefetch (+1 in hand) images ahead of the encoder thread, which holds
+    at most two encoded chunks ahead of the beam search (one queued, one waiting to be), however
+    slow that is."""
     for i in range(40):
         make_image(tmp_path / "many" / f"{i:03d}.png", i)
     decoded = []
@@ -214,7 +228,7 @@ def test_decode_queue_is_bounded(tmp_path, monkeypatch):
     ahead: list[int] = []
 
     class SlowCaptioner(FakeCaptioner):
-        def caption(self, images, return_attention=True, **settings):
+        def caption_features(self, images, return_attention=True, concept_logits=None, **settings):
             nonlocal taken
             taken += len(images)
             deadline = time.monotonic() + 10
@@ -222,13 +236,13 @@ def test_decode_queue_is_bounded(tmp_path, monkeypatch):
                 time.sleep(0.01)  # let the decoder fill the queue
             time.sleep(0.05)
             ahead.append(len(decoded) - taken)
-            return super().caption(images, return_attention, **settings)
+            return super().caption_features(images, return_attention, concept_logits, **settings)
 
     sink = AppendFile(tmp_path / "out.jsonl", "jsonl")
     stats = caption_bulk(SlowCaptioner(), [str(tmp_path / "many")], sink, batch_size=4, prefetch=6)
     sink.close()
     assert stats.captioned == 40
-    assert max(ahead) <= 6 + 1 and ahead[0] >= 6
+    assert max(ahead) <= 6 + 1 + 2 * 4 and ahead[0] >= 6
     assert all(t.name != "bulk-decode" for t in threading.enumerate())  # the decoder ended
 
 
@@ -266,7 +280,7 @@ def test_cli_jsonl_output_resumes_and_refuses_bad_combinations(tiny_model_dir, p
 
 def test_an_error_in_the_model_stops_the_decode_thread(photos, tmp_path):
     class Broken(FakeCaptioner):
-        def caption(self, images, return_attention=True, **settings):
+        def caption_features(self, images, return_attention=True, concept_logits=None, **settings):
             raise RuntimeError("model fell over")
 
     sink = AppendFile(tmp_path / "out.jsonl", "jsonl")

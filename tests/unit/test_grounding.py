@@ -212,6 +212,13 @@ def test_grounded_captioner_end_to_end(shapes_prepared, tiny_model_dir, tmp_path
         assert r.in_domain is not None and 0.0 <= r.in_domain <= 1.0
         assert isinstance(r.out_of_domain, bool)
         assert all(isinstance(w, str) and 0 <= p <= 1 for w, p in r.concepts)
+    batched = list(grounded.caption_batches([images[:1], images[1:]], beam_size=2, max_length=6))
+    alone = grounded.caption(images[:1], beam_size=2, max_length=6) + grounded.caption(
+        images[1:], beam_size=2, max_length=6
+    )
+    assert [(r.caption, r.concepts, r.in_domain) for b in batched for r in b] == [
+        (r.caption, r.concepts, r.in_domain) for r in alone
+    ]  # the logits travel with the grids through the pipeline
     off = grounded.caption(images, beam_size=2, max_length=6, grounding_strength=0.0)
     base = plain.caption(images, beam_size=2, max_length=6)
     assert [r.caption for r in off] == [r.caption for r in base]
