@@ -10,7 +10,9 @@ dog is in it (labelled by looking at each photo).
 Printed: a per-photo table (caption, subject named?, invented person / dog?) and the summary:
 - subject named: photos whose caption has one of its subject words, out of all photos;
 - invented person / dog: among photos with neither a person nor a dog, the captions that name one
-  (word lists in captioner.evaluation.hallucination).
+  (word lists in captioner.evaluation.hallucination);
+- with a grounded model, the photos whose top 3 concept words name the subject: the most that
+  grounding on these concepts could name (the rest only the decoder's own prior can).
 
     python bench/bench_ood.py                          # the bundled model, beam 3
     python bench/bench_ood.py --model runs/exp1/best --json /tmp/ood.json
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
 
 PHOTOS_JSON = Path(__file__).resolve().parent / "ood" / "photos.json"
+CONCEPTS_CHECKED = 3  # concept words per photo looked at for the bound (CaptionResult.concepts)
 FIELDS = ("id", "package", "version", "path", "subject_words", "has_person", "has_dog")
 
 
@@ -97,16 +100,25 @@ def resolve(photos: list[Photo]) -> list[str]:
     return problems
 
 
-def caption_photos(captioner: Any, files: list[Path], beam_size: int, **options: Any) -> list[str]:
-    """The one place the model is asked for captions: extra decoding options pass through."""
-    results = captioner.caption(
-        [str(f) for f in files], beam_size=beam_size, return_attention=False, **options
+def caption_photos(captioner: Any, files: list[Path], beam_size: int, **options: Any) -> list:
+    """The one place the model is asked for captions: extra decoding options pass through.
+    One result per photo (``.caption``; ``.concepts`` from a grounded model)."""
+    return list(
+        captioner.caption(
+            [str(f) for f in files], beam_size=beam_size, return_attention=False, **options
+        )
     )
-    return [r.caption for r in results]
 
 
-def score(photos: list[Photo], captions: list[str]) -> dict:
-    """Per-photo judgements and the two summary counts."""
+def concepts_name_subject(photo: Photo, concepts: list, top: int = CONCEPTS_CHECKED) -> bool:
+    """Whether one of the ``top`` concept words (best first) is one of the subject's words:
+    when none is, no grounding on these concepts can make the caption name the subject."""
+    return any(word in photo.subject_words for word, _ in concepts[:top])
+
+
+def score(photos: list[Photo], captions: list[str], concepts: list | None = None) -> dict:
+    """Per-photo judgements and the two summary counts; with each photo's ``concepts`` (a
+    grounded model's), also how often they name the subject at all."""
     from captioner.evaluation.hallucination import DOG_WORDS, PERSON_WORDS, mentions
 
     rows = []
@@ -123,7 +135,14 @@ def score(photos: list[Photo], captions: list[str]) -> dict:
             }
         )
     neither = [r for r in rows if not r["has_person"] and not r["has_dog"]]
+    bound = {}
+    if concepts is not None and any(concepts):
+        for photo, row, seen in zip(photos, rows, concepts, strict=True):
+            row["concepts"] = [[w, round(float(p), 3)] for w, p in seen[:CONCEPTS_CHECKED]]
+            row["concepts_name_subject"] = concepts_name_subject(photo, seen)
+        bound["concepts_name_subject"] = [sum(r["concepts_name_subject"] for r in rows), len(rows)]
     return {
+        **bound,
         "photos": rows,
         "subject_named": [sum(r["subject_named"] for r in rows), len(rows)],
         "invented_person_or_dog": [
@@ -157,6 +176,12 @@ def print_report(result: dict) -> None:
         f"{share(*result['invented_person_or_dog'])} "
         f"(a person: {share(*result['invented_person'])}, a dog: {share(*result['invented_dog'])})"
     )
+    if "concepts_name_subject" in result:
+        print(
+            f"photos whose top {CONCEPTS_CHECKED} concepts name the subject: "
+            f"{share(*result['concepts_name_subject'])} (without them, grounding has nothing "
+            "to name it with; the decoder alone names the rest or nobody does)"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -185,10 +210,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         captioner = Captioner.from_pretrained(args.model)
         files = [p.file for p in photos]
-        captions = caption_photos(captioner, files, args.beam_size, grounding=not args.no_grounding)
+        results = caption_photos(captioner, files, args.beam_size, grounding=not args.no_grounding)
     except CaptionerError as exc:
         sys.exit(f"error: {exc}")
-    result = score(photos, captions)
+    concepts = [list(getattr(r, "concepts", None) or []) for r in results]
+    result = score(photos, [r.caption for r in results], concepts)
     result["settings"] = {
         "model": args.model or "bundled",
         "beam_size": args.beam_size,

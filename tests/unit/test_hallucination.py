@@ -206,6 +206,26 @@ def test_score_counts_inventions_among_photos_with_neither():
     assert result["subject_named"] == [3, 4]
     assert result["invented_person_or_dog"] == [1, 2]
     assert result["invented_dog"] == [1, 2] and result["invented_person"] == [0, 2]
+    assert "concepts_name_subject" not in result  # a plain model reports no concepts
+
+
+def test_score_bounds_what_the_concepts_can_name():
+    bench = _bench_ood()
+    photos = [
+        _photo(bench, id="cat", subject_words=["cat"]),
+        _photo(bench, id="moon", subject_words=["moon"]),
+        _photo(bench, id="mug", subject_words=["mug", "cup"]),
+    ]
+    concepts = [
+        [("cat", 0.9)],
+        [("bubble", 0.2), ("roundworm", 0.1)],
+        [("vessel", 0.5), ("mouse", 0.1), ("cup", 0.07), ("mug", 0.06)],  # third counts
+    ]
+    result = bench.score(photos, ["a cat", "a ball", "a dog"], concepts)
+    assert result["concepts_name_subject"] == [2, 3]
+    assert [r["concepts_name_subject"] for r in result["photos"]] == [True, False, True]
+    assert result["photos"][2]["concepts"] == [["vessel", 0.5], ["mouse", 0.1], ["cup", 0.07]]
+    assert not bench.concepts_name_subject(photos[2], concepts[2], top=2)
 
 
 def test_caption_photos_passes_extra_options_through():
@@ -218,7 +238,7 @@ def test_caption_photos_passes_extra_options_through():
             return [type("R", (), {"caption": f"c{i}"})() for i in range(len(images))]
 
     out = bench.caption_photos(FakeCaptioner(), [Path("a.png"), Path("b.png")], 3, grounding=True)
-    assert out == ["c0", "c1"]
+    assert [r.caption for r in out] == ["c0", "c1"]
     assert calls[0][0] == ["a.png", "b.png"]
     assert calls[0][1] == {"beam_size": 3, "return_attention": False, "grounding": True}
 
