@@ -669,6 +669,51 @@ def test_fused_ort_batch_gives_what_each_image_gives_alone(ort_decoder):
     assert len({len(ids) for ids in tokens(together)}) > 1  # images finish at different steps
 
 
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_repeated_ngram_tokens_is_block_repeated_ngrams_in_numpy(n):
+    from captioner.decoding.fused import repeated_ngram_tokens
+    from captioner.decoding.greedy import block_repeated_ngrams
+
+    history = torch.randint(0, 5, (40, 9), generator=torch.Generator().manual_seed(n))
+    history[0, -1] = 2  # <end> itself is never blocked
+    logits = torch.zeros(40, 6)
+    want = torch.isinf(block_repeated_ngrams(logits, history, n, end_id=2))
+    rows, blocked = repeated_ngram_tokens(history.numpy(), n, end_id=2)
+    got = torch.zeros(40, 6, dtype=torch.bool)
+    got[torch.from_numpy(rows), torch.from_numpy(blocked)] = True
+    assert torch.equal(got, want) and bool(want.any())
+    none = repeated_ngram_tokens(history[:, : n - 1].numpy(), n, end_id=2)
+    assert none[0].size == 0  # shorter than n: nothing to repeat yet
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_fused_ort_search_blocks_repeated_ngrams_like_torch(ort_decoder, beam_size):
+    """n-gram blocking on the fused path (in the step's bias) = the plain path's (in the
+    logits), with and without a word bias; beam 1 = greedy."""
+    decoder, stepper, features = ort_decoder
+    bias, groups = grounding_bias(features, decoder.config.vocab_size)
+    for extra in ({}, {"word_bias": bias, "bias_groups": groups}):
+        settings = dict(beam_size=beam_size, max_length=12, no_repeat_ngram_size=2, **extra)
+        want = beam_search(decoder, features, **settings)
+        assert_same_search(beam_search(stepper, features, **settings), want)
+        assert_same_search(beam_search(PlainStepper(stepper), features, **settings), want)
+    calls = []
+    real_step = stepper.search_step
+    stepper.search_step = lambda *a: calls.append(1) or real_step(*a)  # the fused step runs
+    try:
+        blocked = beam_search(stepper, features, beam_size=beam_size, no_repeat_ngram_size=1)
+    finally:
+        del stepper.search_step
+    assert calls
+    for r in blocked:
+        assert len(set(r.token_ids)) == len(r.token_ids)  # no word twice
+    if beam_size == 1:
+        greedy = greedy_decode(stepper, features, max_length=12, no_repeat_ngram_size=2)
+        assert_same_search(
+            greedy, greedy_decode(decoder, features, max_length=12, no_repeat_ngram_size=2)
+        )
+
+
 def test_fused_ort_ties_go_to_the_lowest_token_id(tmp_path):
     """All logits equal: every candidate ties, and the fused TopK must rank them as the plain
     path's stable sort does (lowest row, then word)."""

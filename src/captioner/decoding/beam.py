@@ -170,8 +170,10 @@ def beam_search(
         return []
     word_bias = check_word_bias(word_bias, B)
     banned_list = banned_ids(pad_id, start_id, unk_id, suppress_unk)
-    if uses_fused(stepper, no_repeat_ngram_size):
-        expander = FusedExpander(stepper, features, banned_list, word_bias, bias_groups)
+    if uses_fused(stepper):
+        expander = FusedExpander(
+            stepper, features, banned_list, word_bias, bias_groups, no_repeat_ngram_size, end_id
+        )
     else:
         banned = torch.tensor(banned_list, device=features.device)
         expander = TorchExpander(

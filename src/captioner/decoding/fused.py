@@ -18,10 +18,29 @@ import numpy as np
 import torch
 
 
-def uses_fused(stepper: object, no_repeat_ngram_size: int) -> bool:
-    """Whether decoding can drive ``stepper`` through its fused step (n-gram blocking edits the
-    logits between step and log-softmax, so it takes the plain path)."""
-    return bool(getattr(stepper, "fused", False)) and no_repeat_ngram_size <= 0
+def uses_fused(stepper: object) -> bool:
+    """Whether decoding can drive ``stepper`` through its fused step (n-gram blocking too: the
+    blocked tokens go into the step's bias as -inf, the same -inf the plain path writes into
+    the logits before its log-softmax)."""
+    return bool(getattr(stepper, "fused", False))
+
+
+def repeated_ngram_tokens(
+    history: np.ndarray, n: int, end_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """history (N, t) tokens emitted so far -> (rows, tokens) that would repeat one of the
+    row's n-grams: numpy's :func:`captioner.decoding.greedy.block_repeated_ngrams`."""
+    N, t = history.shape
+    if n <= 0 or t < n:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    span = t - n + 1  # n-grams so far, the one at i is history[:, i : i + n]
+    match = np.ones((N, span), dtype=bool)  # its first n - 1 tokens are the last n - 1
+    for j in range(n - 1):
+        match &= history[:, j : j + span] == history[:, t - n + 1 + j, None]
+    rows, where = np.nonzero(match)
+    tokens = history[rows, where + n - 1]  # what followed them then
+    keep = tokens != end_id
+    return rows[keep], tokens[keep]
 
 
 def spend(bias: np.ndarray, words: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
@@ -50,8 +69,12 @@ class FusedExpander:
         banned: list[int],
         word_bias: torch.Tensor | None,
         bias_groups: torch.Tensor | None = None,
+        no_repeat_ngram_size: int = 0,
+        end_id: int = 2,
     ) -> None:
         self.stepper = stepper
+        self.ngram, self.end_id = no_repeat_ngram_size, end_id
+        self.emitted = np.zeros((features.size(0), 0), np.int64)  # (n*w, t) for n-gram blocking
         self.spends = word_bias is not None  # (a zero bias has nothing to spend)
         self.groups = None if bias_groups is None else bias_groups.cpu().numpy()  # (V,)
         self.memory, self.state = stepper.search_start(features)
@@ -71,11 +94,16 @@ class FusedExpander:
         word), alpha (n*w, P) float32. Fewer than k candidates (w*V < k): the rest is -inf."""
         n, width = cum.shape
         m = min(k, width * self.vocab_size)
+        bias = self.bias
+        rows, blocked = repeated_ngram_tokens(self.emitted, self.ngram, self.end_id)
+        if rows.size:
+            bias = bias.copy()
+            bias[rows, blocked] = -np.inf
         values, index, alpha, self.state = self.stepper.search_step(
             np.ascontiguousarray(tokens, dtype=np.int64),
             self.state,
             self.memory,
-            self.bias,
+            bias,
             np.ascontiguousarray(cum, dtype=np.float32),
             m,
         )
@@ -93,6 +121,8 @@ class FusedExpander:
         for the plain path's expander)."""
         self.state = tuple(s[rows] for s in self.state)
         self.bias = self.bias[rows]  # (n'*w', V)
+        if self.ngram > 0:  # each new row's tokens: its parent's, then its word
+            self.emitted = np.concatenate([self.emitted[rows], words.reshape(-1, 1)], axis=1)
         if self.spends:
             self.bias = spend(self.bias, words.reshape(-1), self.groups)
         if images is not None:

@@ -161,10 +161,15 @@ def greedy_decode(
     B = features.size(0)
     if B == 0:
         return []
-    if uses_fused(stepper, no_repeat_ngram_size):  # beam 1 is greedy (tested), in one call
+    if uses_fused(stepper):  # beam 1 is greedy (tested), in one call
         from captioner.decoding.beam import beam_search  # beam imports this module
 
-        settings = dict(max_length=max_length, suppress_unk=suppress_unk, word_bias=word_bias)
+        settings = dict(
+            max_length=max_length,
+            suppress_unk=suppress_unk,
+            word_bias=word_bias,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+        )
         ids = dict(start_id=start_id, end_id=end_id, unk_id=unk_id, pad_id=pad_id)
         return beam_search(
             stepper,
