@@ -23,6 +23,7 @@ from captioner.errors import CheckpointError, ConfigError
 from captioner.features.encoders import preprocess
 from captioner.features.onnx import FeatureExtractor
 from captioner.features.quantize import DEFAULT_PRECISION, check_precision, decoder_precision
+from captioner.grounding.domain import pooled
 from captioner.grounding.grounder import Grounder, word_groups
 from captioner.model.captioning_model import CaptioningModel
 
@@ -395,7 +396,8 @@ class Captioner:
         if logits is None:
             logits = self.concept_logits(features)
         grid = features.detach().float().cpu().numpy()  # (B, P, C) grounding is numpy
-        described, scores = self.grounder.describe(grid, logits)
+        pooled_features = pooled(grid)  # (B, C) for the domain scorer and the word detector
+        described, scores = self.grounder.describe(grid, logits, pooled_features)
         if not enabled or strength == 0:
             return described, None
-        return described, self.grounder.word_bias(logits, scores, strength)
+        return described, self.grounder.word_bias(logits, scores, strength, pooled_features)

@@ -10,7 +10,12 @@ import torch
 from captioner.decoding import beam_search, greedy_decode
 from captioner.grounding.domain import DomainScorer, pooled
 from captioner.grounding.grounder import Grounder, GroundingConfig
-from captioner.grounding.word_model import ConceptWordTable, roc_auc, softmax
+from captioner.grounding.word_model import (
+    ConceptWordTable,
+    FeatureWordDetector,
+    roc_auc,
+    softmax,
+)
 
 
 class TableStepper:
@@ -99,6 +104,52 @@ def test_concept_word_table_learns_class_word_rates():
     p = table.predict(np.array([[20.0, -20, -20], [-20, 20.0, -20], [-20, -20, 20.0]]))
     assert p[0, 0] > 0.98 and p[1, 0] < 0.02
     assert p[2, 0] == pytest.approx(0.5, abs=1e-3)  # a class never seen: the base rate
+
+
+def test_feature_word_detector_learns_a_word_from_the_features():
+    """A word used exactly when feature 0 is high; the standardisation is folded into the
+    weights, so raw features go in."""
+    rng = np.random.default_rng(3)
+    features = rng.normal(size=(400, 8)) * 3 + 5  # not standardised
+    targets = (features[:, [0]] > 5).astype(np.float32)  # (400, 1)
+    targets = np.concatenate([targets, np.full((400, 1), 0.2, np.float32)], 1)  # + a constant
+    detector = FeatureWordDetector.fit(features, targets, l2=0.01)
+    held = rng.normal(size=(200, 8)) * 3 + 5
+    p = detector.predict(held)  # (200, 2)
+    assert p.shape == (200, 2) and p.dtype == np.float32
+    assert roc_auc(p[:, :1], held[:, [0]] > 5)[0] > 0.97
+    assert np.allclose(p[:, 1], 0.2, atol=0.05)  # a word the features say nothing about
+    with pytest.raises(ValueError, match="l2"):
+        FeatureWordDetector.fit(features, targets, l2=0.0)
+
+
+def test_detector_blends_into_the_in_domain_evidence_and_survives_save_load(tmp_path):
+    grounder = _grounder()
+    features = np.random.default_rng(4).normal(size=(3, 16)).astype(np.float32)
+    logits = np.random.default_rng(2).normal(size=(3, 1000)) * 3
+    scores = np.array([0.0, 0.5, 1.0])
+    plain = grounder.word_bias(logits, scores, features=features).numpy()
+    weight = np.zeros((2, 16), np.float32)
+    weight[1, 0] = 4.0  # "dog" follows feature 0
+    grounder.detector = FeatureWordDetector(weight, np.array([0.0, -1.0], np.float32))
+    grounder.config.detector_weight = 0.5
+    table = grounder.table.predict(logits)
+    found = grounder.detector.predict(features)
+    np.testing.assert_allclose(
+        grounder.learnt(logits, features), 0.5 * table + 0.5 * found, rtol=1e-6
+    )
+    blended = grounder.word_bias(logits, scores, features=features).numpy()
+    inside = grounder.domain.in_domain(scores)
+    assert not np.allclose(blended[inside], plain[inside])  # in domain the detector counts
+    np.testing.assert_array_equal(blended[~inside], plain[~inside])  # out of domain it does not
+    with pytest.raises(ValueError, match="pooled features"):
+        grounder.word_bias(logits, scores)
+    grounder.save_pretrained(tmp_path)
+    loaded = Grounder.from_pretrained(tmp_path)
+    assert loaded.config.detector_weight == 0.5
+    np.testing.assert_allclose(
+        loaded.word_bias(logits, scores, features=features).numpy(), blended, atol=1e-2
+    )
 
 
 def test_roc_auc_matches_hand_counts():

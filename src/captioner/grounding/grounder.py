@@ -13,7 +13,10 @@ What it does, for every image, from the same encoder pass that feeds the decoder
    which is what the out-of-domain path exists to stop, and the photos the user is warned
    about are exactly the ones decoded on concepts alone):
    - learnt: :class:`~captioner.grounding.word_model.ConceptWordTable`, how often Flickr8k
-     captions of photos with these concepts use the word (Yao et al. 2017's attributes);
+     captions of photos with these concepts use the word (Yao et al. 2017's attributes),
+     blended (``detector_weight``, chosen on dev) with
+     :class:`~captioner.grounding.word_model.FeatureWordDetector`, a logistic regression per
+     word on the pooled feature, which sees what ImageNet has no class for (people, grass);
    - lexical: the probability of the classes the word names in WordNet ("cat" for the three
      cat classes, "animal" for all animals), which holds on any photo.
    In domain the evidence is ``noisy_or(learnt, lexical)``; out of domain only the lexicon
@@ -45,7 +48,7 @@ from safetensors.numpy import load_file, save_file
 from captioner.errors import CheckpointError
 from captioner.features.concepts import ImageNetConcepts, _singulars
 from captioner.grounding.domain import DomainScorer, pooled
-from captioner.grounding.word_model import ConceptWordTable, mix, softmax
+from captioner.grounding.word_model import ConceptWordTable, FeatureWordDetector, mix, softmax
 from captioner.io import atomic_path, atomic_write_json, read_json
 
 GROUNDING_WEIGHTS = "grounding.safetensors"
@@ -60,6 +63,10 @@ class GroundingConfig:
     # which objects are there and the concepts must win over it
     ood_strength: float = 5.0
     temperature: float = 2.0  # of the class softmax feeding the learnt table
+    # share of the feature detector in the learnt evidence, the rest being the table's (chosen
+    # on dev by mean ROC AUC over words; 0 when the grounding has no detector)
+    detector_weight: float = 0.0
+    detector_l2: float = 0.0  # the detector's weight decay (a fitted choice, saved here)
     prior: float = 2.0  # pseudo-photos shrinking the table to each word's base rate
     epsilon: float = 0.01  # floor of both evidences in the log ratio
     max_bias: float = 5.0  # |log evidence ratio| cap per word, before the strength
@@ -81,6 +88,8 @@ class GroundingConfig:
             raise ValueError("strength and ood_strength must be >= 0")
         if config.temperature <= 0 or config.epsilon <= 0:
             raise ValueError("temperature and epsilon must be > 0")
+        if not 0 <= config.detector_weight <= 1:
+            raise ValueError("detector_weight must be between 0 and 1")
         return config
 
 
@@ -118,6 +127,7 @@ class Grounder:
         vocab_size: int,
         concepts: ImageNetConcepts | None = None,
         in_domain_words: np.ndarray | None = None,
+        detector: FeatureWordDetector | None = None,
     ):
         self.config = config
         self.word_ids = np.asarray(word_ids, dtype=np.int64)  # (W,) vocabulary ids biased
@@ -135,6 +145,9 @@ class Grounder:
         self.in_domain_words = np.asarray(mask, dtype=bool)
         if self.table.table.shape != (1000, W) or self.lexicon.shape != (1000, W):
             raise CheckpointError(f"grounding tables do not match its {W} words")
+        self.detector = detector  # (W, C) logistic regressions on the pooled feature, or None
+        if detector is not None and detector.weight.shape[0] != W:
+            raise CheckpointError(f"grounding detector does not match its {W} words")
 
     def trust(self, in_domain: np.ndarray) -> np.ndarray:
         """(B,) in-domain scores -> (B,) 1.0 where the learnt evidence applies (the photo is in
@@ -145,15 +158,35 @@ class Grounder:
         """(B, 1000) logits -> (B, W) probability of the classes each word names."""
         return np.minimum(mix(softmax(logits), self._lexicon_t), 1.0)
 
-    def evidence(self, logits: np.ndarray, lexical: np.ndarray | None = None) -> np.ndarray:
-        """(B, 1000) logits -> in-domain evidence (B, W) in [0, 1]: noisy-or of the learnt
-        table and the lexicon (``lexical`` when the caller has it already)."""
-        learnt = self.table.predict(logits)  # (B, W)
+    def learnt(self, logits: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
+        """(B, 1000) logits, (B, C) pooled features -> (B, W) learnt word probabilities: the
+        table's, blended with the feature detector's when the grounding has one."""
+        table = self.table.predict(logits)  # (B, W)
+        weight = self.config.detector_weight
+        if self.detector is None or weight == 0:
+            return table
+        if features is None:
+            raise ValueError("this grounding's detector needs the pooled features")
+        return (1.0 - weight) * table + weight * self.detector.predict(features)
+
+    def evidence(
+        self,
+        logits: np.ndarray,
+        lexical: np.ndarray | None = None,
+        features: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """(B, 1000) logits, (B, C) pooled features -> in-domain evidence (B, W) in [0, 1]:
+        noisy-or of the learnt probabilities and the lexicon (``lexical`` when the caller has
+        it already)."""
+        learnt = self.learnt(logits, features)  # (B, W)
         lexical = self.lexical(logits) if lexical is None else lexical
         return 1.0 - (1.0 - learnt) * (1.0 - lexical)  # (B, W)
 
-    def log_ratios(self, logits: np.ndarray, in_domain: np.ndarray) -> np.ndarray:
-        """(B, 1000) logits, (B,) in-domain scores -> (B, W) unweighted bias per word.
+    def log_ratios(
+        self, logits: np.ndarray, in_domain: np.ndarray, features: np.ndarray | None = None
+    ) -> np.ndarray:
+        """(B, 1000) logits, (B,) in-domain scores, (B, C) pooled features -> (B, W)
+        unweighted bias per word.
 
         In domain: log(evidence / base rate), for the in-domain words. Out of domain: the
         lexicon alone, as a penalty log(lexical + eps) on every content word (0 for a word the
@@ -161,7 +194,7 @@ class Grounder:
         ratio's positive part for the words they name more than usual."""
         c = self.config
         lexical = self.lexical(logits)  # (B, W)
-        evidence = self.evidence(logits, lexical)  # (B, W)
+        evidence = self.evidence(logits, lexical, features)  # (B, W)
         inside = np.log((evidence + c.epsilon) / (self.base_rate + c.epsilon))
         inside = np.clip(inside, -c.max_bias, c.max_bias) * self.in_domain_words  # (B, W)
         named = np.log((lexical + c.epsilon) / (self.base_rate + c.epsilon))
@@ -170,11 +203,16 @@ class Grounder:
         return trust * inside + (1.0 - trust) * outside
 
     def word_bias(
-        self, logits: np.ndarray, in_domain: np.ndarray, strength: float | None = None
+        self,
+        logits: np.ndarray,
+        in_domain: np.ndarray,
+        strength: float | None = None,
+        features: np.ndarray | None = None,
     ) -> torch.Tensor:
-        """(B, 1000) logits, (B,) in-domain scores -> (B, V) float32 logit bias."""
+        """(B, 1000) logits, (B,) in-domain scores, (B, C) pooled features (see
+        :func:`~captioner.grounding.domain.pooled`) -> (B, V) float32 logit bias."""
         c = self.config
-        ratio = self.log_ratios(logits, in_domain)  # (B, W)
+        ratio = self.log_ratios(logits, in_domain, features)  # (B, W)
         if strength is None:  # per image: the dev choice in domain, ood_strength outside
             trust = self.trust(in_domain)  # (B,)
             weight = (trust * c.strength + (1.0 - trust) * c.ood_strength)[:, None]  # (B, 1)
@@ -185,10 +223,11 @@ class Grounder:
         return torch.from_numpy(bias)
 
     def describe(
-        self, grid: np.ndarray, logits: np.ndarray
+        self, grid: np.ndarray, logits: np.ndarray, features: np.ndarray | None = None
     ) -> tuple[list[ImageGrounding], np.ndarray]:
-        """grid (B, P, C), logits (B, 1000) -> one ImageGrounding per image, in-domain (B,)."""
-        scores = self.domain.score(pooled(grid))  # (B,)
+        """grid (B, P, C), logits (B, 1000) -> one ImageGrounding per image, in-domain (B,)
+        (``features``: the grid's pooled features, when the caller has them)."""
+        scores = self.domain.score(pooled(grid) if features is None else features)  # (B,)
         top = self.concepts.top(softmax(logits), self.config.top_k, self.config.min_prob)
         out = [
             ImageGrounding(t, float(s), not inside)
@@ -209,6 +248,9 @@ class Grounder:
             "in_domain_words": self.in_domain_words.astype(np.uint8),
             **self.domain.tensors(),
         }
+        if self.detector is not None:
+            tensors["detector_weight"] = self.detector.weight.astype(np.float16)  # (W, C)
+            tensors["detector_bias"] = self.detector.bias  # (W,)
         with atomic_path(path / GROUNDING_WEIGHTS) as tmp:
             save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
         config = asdict(self.config)
@@ -240,6 +282,13 @@ class Grounder:
             vocab_size = int(meta["vocab_size"])
             t = load_file(str(path / GROUNDING_WEIGHTS))
             domain = DomainScorer.from_tensors(t, config.residual_variance, config.threshold)
+            detector = None
+            if "detector_weight" in t:
+                detector = FeatureWordDetector(
+                    t["detector_weight"].astype(np.float32), t["detector_bias"]
+                )
+            elif config.detector_weight > 0:
+                raise ValueError("detector_weight is set but the detector is missing")
             return cls(
                 config,
                 t["word_ids"],
@@ -251,6 +300,7 @@ class Grounder:
                 in_domain_words=t["in_domain_words"].astype(bool)
                 if "in_domain_words" in t
                 else None,
+                detector=detector,
             )
         except CheckpointError:
             raise
