@@ -153,3 +153,19 @@ def test_malformed_files_are_a_config_error(tmp_path, broken):
 def test_a_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         ImageNetConcepts.load(tmp_path / "absent.json")
+
+
+def test_zero_one_matrix_is_the_dense_product():
+    from captioner.features.concepts import ZeroOneMatrix
+
+    rng = np.random.default_rng(0)
+    dense = (rng.random((7, 30)) < 0.1).astype(np.float32)
+    dense[3] = 0.0  # a word no class names
+    probs = rng.random((4, 30)).astype(np.float32)
+    got = ZeroOneMatrix(dense)(probs)
+    assert got.shape == (4, 7) and got.dtype == np.float32
+    np.testing.assert_allclose(got, probs @ dense.T, rtol=1e-6)
+    assert (got[:, 3] == 0).all()
+    assert ZeroOneMatrix(dense)(np.zeros((0, 30))).shape == (0, 7)
+    with pytest.raises(ValueError, match="zeros and ones"):
+        ZeroOneMatrix(dense * 0.5)

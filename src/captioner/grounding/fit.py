@@ -155,7 +155,9 @@ def fit_grounding(
     )
     if detector is not None:  # its rows for the biased words, in word_ids order
         rows = np.array([position[int(w)] for w in word_ids])
-        detector = FeatureWordDetector(detector.weight[rows], detector.bias[rows])
+        detector = FeatureWordDetector(
+            detector.projection, detector.weight[rows], detector.bias[rows]
+        )
     lexicon = lexicon_all[:, word_ids]
     grounder = Grounder(
         config,

@@ -46,9 +46,9 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from captioner.errors import CheckpointError
-from captioner.features.concepts import ImageNetConcepts, _singulars
+from captioner.features.concepts import ImageNetConcepts, ZeroOneMatrix, _singulars
 from captioner.grounding.domain import DomainScorer, pooled
-from captioner.grounding.word_model import ConceptWordTable, FeatureWordDetector, mix, softmax
+from captioner.grounding.word_model import ConceptWordTable, FeatureWordDetector, softmax
 from captioner.io import atomic_path, atomic_write_json, read_json
 
 GROUNDING_WEIGHTS = "grounding.safetensors"
@@ -133,7 +133,7 @@ class Grounder:
         self.word_ids = np.asarray(word_ids, dtype=np.int64)  # (W,) vocabulary ids biased
         self.table = table  # (1000, W)
         self.lexicon = np.asarray(lexicon, dtype=np.float32)  # (1000, W) 0/1
-        self._lexicon_t = np.ascontiguousarray(self.lexicon.T)  # (W, 1000) for mix()
+        self._lexicon_t = ZeroOneMatrix(self.lexicon.T)  # (W, 1000) sparse: lexical()
         self.base_rate = np.asarray(base_rate, dtype=np.float32)  # (W,) mean training evidence
         self.domain = domain
         self.vocab_size = int(vocab_size)
@@ -145,7 +145,7 @@ class Grounder:
         self.in_domain_words = np.asarray(mask, dtype=bool)
         if self.table.table.shape != (1000, W) or self.lexicon.shape != (1000, W):
             raise CheckpointError(f"grounding tables do not match its {W} words")
-        self.detector = detector  # (W, C) logistic regressions on the pooled feature, or None
+        self.detector = detector  # logistic regressions on the pooled feature, or None
         if detector is not None and detector.weight.shape[0] != W:
             raise CheckpointError(f"grounding detector does not match its {W} words")
 
@@ -156,7 +156,7 @@ class Grounder:
 
     def lexical(self, logits: np.ndarray) -> np.ndarray:
         """(B, 1000) logits -> (B, W) probability of the classes each word names."""
-        return np.minimum(mix(softmax(logits), self._lexicon_t), 1.0)
+        return np.minimum(self._lexicon_t(softmax(logits)), 1.0)
 
     def learnt(self, logits: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
         """(B, 1000) logits, (B, C) pooled features -> (B, W) learnt word probabilities: the
@@ -249,7 +249,8 @@ class Grounder:
             **self.domain.tensors(),
         }
         if self.detector is not None:
-            tensors["detector_weight"] = self.detector.weight.astype(np.float16)  # (W, C)
+            tensors["detector_projection"] = self.detector.projection  # (r, C)
+            tensors["detector_weight"] = self.detector.weight  # (W, r)
             tensors["detector_bias"] = self.detector.bias  # (W,)
         with atomic_path(path / GROUNDING_WEIGHTS) as tmp:
             save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
@@ -285,7 +286,7 @@ class Grounder:
             detector = None
             if "detector_weight" in t:
                 detector = FeatureWordDetector(
-                    t["detector_weight"].astype(np.float32), t["detector_bias"]
+                    t["detector_projection"], t["detector_weight"], t["detector_bias"]
                 )
             elif config.detector_weight > 0:
                 raise ValueError("detector_weight is set but the detector is missing")

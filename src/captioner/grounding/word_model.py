@@ -81,27 +81,40 @@ class FeatureWordDetector:
     "man" 0.81 against the table's 0.74, mean over words 0.81 against 0.79). It is trusted only
     in domain, where the feature is like the training photos' (the grounder's trust switch).
 
-    ``weight`` (W, C) and ``bias`` (W,) act on the unit-length pooled feature (``pooled``),
-    with the training standardisation folded in."""
+    The fitted (W, C) weights are kept at rank ``rank`` (their leading singular directions):
+    ``projection`` (r, C) then ``weight`` (W, r), 5.6x fewer multiplies per photo at r = 128
+    for Flickr8k's vocabulary, and a slightly better dev AUC than the full matrix (0.815
+    against 0.813 blended with the table; 0.813 at r = 64, 0.806 at 32). Both act on the
+    unit-length pooled feature (``pooled``), the training standardisation folded in."""
 
-    weight: np.ndarray  # (W, C)
+    projection: np.ndarray  # (r, C)
+    weight: np.ndarray  # (W, r)
     bias: np.ndarray  # (W,)
 
     def __post_init__(self) -> None:
+        self.projection = np.ascontiguousarray(self.projection, dtype=np.float32)
         self.weight = np.ascontiguousarray(self.weight, dtype=np.float32)
         self.bias = np.asarray(self.bias, dtype=np.float32)
+        if self.weight.shape[1] != self.projection.shape[0] or len(self.bias) != len(self.weight):
+            raise ValueError("detector projection, weight and bias do not fit together")
 
     @classmethod
     def fit(
-        cls, features: np.ndarray, targets: np.ndarray, l2: float, iterations: int = 100
+        cls,
+        features: np.ndarray,
+        targets: np.ndarray,
+        l2: float,
+        rank: int = 128,
+        iterations: int = 100,
     ) -> FeatureWordDetector:
         """features (N, C) pooled training features; targets (N, W) in [0, 1], the share of
         each photo's references that use each word (soft labels); ``l2`` the weight decay per
-        word, on standardised features. Full-batch L-BFGS (about 45 s for Flickr8k)."""
+        word, on standardised features. Full-batch L-BFGS (about 45 s for Flickr8k), then the
+        weights truncated to ``rank``."""
         import torch
 
-        if l2 <= 0:
-            raise ValueError("l2 must be positive")
+        if l2 <= 0 or rank < 1:
+            raise ValueError("l2 must be positive and rank at least 1")
         x = torch.from_numpy(np.asarray(features, dtype=np.float32))  # (N, C)
         y = torch.from_numpy(np.asarray(targets, dtype=np.float32))  # (N, W)
         mean, scale = x.mean(dim=0), x.std(dim=0) + 1e-6  # (C,)
@@ -121,13 +134,15 @@ class FeatureWordDetector:
 
         opt.step(loss)
         with torch.no_grad():
-            folded = w / scale[:, None]  # (C, W): acts on raw pooled features
-            offset = b - mean @ folded  # (W,)
-        return cls(folded.T.numpy(), offset.numpy())
+            folded = (w / scale[:, None]).double()  # (C, W): acts on raw pooled features
+            offset = (b - mean @ folded.float()).numpy()  # (W,)
+        u, s, vt = np.linalg.svd(folded.T.numpy(), full_matrices=False)  # (W, k), (k,), (k, C)
+        r = min(rank, len(s))
+        return cls(vt[:r], u[:, :r] * s[:r], offset)
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         """(B, C) pooled features -> (B, W) probability that a caption uses each word."""
-        z = mix(features, self.weight) + self.bias  # (B, W)
+        z = mix(mix(features, self.projection), self.weight) + self.bias  # (B, W)
         return (1.0 / (1.0 + np.exp(-np.clip(z, -30.0, 30.0)))).astype(np.float32)
 
 
