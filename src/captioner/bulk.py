@@ -11,9 +11,7 @@ Unreadable images are reported and counted, never stopping the run.
 
 from __future__ import annotations
 
-import queue
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,8 +29,6 @@ if TYPE_CHECKING:
     import numpy as np
 
     from captioner.api import Captioner, CaptionResult
-
-_END = object()  # the producer's last queue item
 
 
 @dataclass
@@ -77,38 +73,19 @@ class _Decoded:
     error: str | None = None
 
 
-def _produce(
-    sources: Iterator[Source], sink: Sink, out: queue.Queue, stop: threading.Event
-) -> None:
-    """Producer thread: decode every source the sink lacks into ``out``, then ``_END``; an
-    unexpected exception is passed on to the consumer instead."""
+def _decoder(sink: Sink) -> Callable[[Source], _Decoded]:
+    """The decode stage: a source the sink already has comes through empty (resume), an
+    unreadable one with its error, the rest as RGB arrays."""
 
-    def put(item: Any) -> bool:
-        while not stop.is_set():
-            try:
-                out.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+    def decode(source: Source) -> _Decoded:
+        if sink.is_done(source):
+            return _Decoded(source)
+        try:
+            return _Decoded(source, image=load_image(source.load(), name=source.key))
+        except ImageLoadError as exc:
+            return _Decoded(source, error=str(exc))
 
-    try:
-        for source in sources:
-            if stop.is_set():
-                return
-            if sink.is_done(source):
-                if not put(_Decoded(source, error=None, image=None)):
-                    return
-                continue
-            try:
-                item = _Decoded(source, image=load_image(source.load(), name=source.key))
-            except ImageLoadError as exc:
-                item = _Decoded(source, error=str(exc))
-            if not put(item):
-                return
-        put(_END)
-    except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
-        put(exc)
+    return decode
 
 
 def decoded_stream(
@@ -117,28 +94,20 @@ def decoded_stream(
     files_from: Sequence[Path] = (),
     prefetch: int = 64,
 ) -> Iterator[_Decoded]:
-    """Decoded inputs in input order, from a background thread through a queue of at most
-    ``prefetch`` items. Already-done images come through with neither image nor error."""
+    """Decoded inputs in input order, from a background thread ("bulk-decode") through a queue
+    of at most ``prefetch`` items. Already-done images come through with neither image nor
+    error; an unexpected error while decoding is raised here."""
     if prefetch < 1:
         raise ConfigError(f"prefetch must be at least 1, got {prefetch}")
-    out: queue.Queue = queue.Queue(maxsize=prefetch)
-    stop = threading.Event()
     sources = unique(iter_sources(inputs, files_from, with_data=True))
-    worker = threading.Thread(
-        target=_produce, args=(sources, sink, out, stop), name="bulk-decode", daemon=True
-    )
-    worker.start()
+    stream = overlapped(sources, _decoder(sink), depth=prefetch, name="bulk-decode")
     try:
-        while True:
-            item = out.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        for _, decoded in stream:
+            if isinstance(decoded, Failed):
+                raise decoded.error
+            yield decoded
     finally:
-        stop.set()
-        worker.join(timeout=5)
+        stream.close()  # stops the decode thread now, also on an error or Ctrl-C
 
 
 def _chunks(stream: Iterator[_Decoded], batch_size: int) -> Iterator[list[_Decoded]]:

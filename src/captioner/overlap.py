@@ -30,12 +30,16 @@ class Failed(Generic[T]):
 
 
 def overlapped(
-    items: Iterable[T], stage: Callable[[T], R], depth: int = 1
+    items: Iterable[T],
+    stage: Callable[[T], R],
+    depth: int = 1,
+    name: str = "overlap-stage",
 ) -> Iterator[tuple[T, R | Failed]]:
     """(item, stage(item)) for every item in order, ``stage`` running up to ``depth`` items
-    ahead in one background thread. An exception in ``stage`` arrives as ``Failed`` beside its
-    item (later items still go through); one raised while iterating ``items`` is re-raised
-    here. Closing the iterator early (break, an error in the caller) stops the thread."""
+    ahead (plus the one in hand) in one background thread called ``name``. An exception in
+    ``stage`` arrives as ``Failed`` beside its item (later items still go through); one raised
+    while iterating ``items`` is re-raised here. Closing the iterator early (break, an error in
+    the caller) stops the thread."""
     if depth < 1:
         raise ValueError(f"depth must be at least 1, got {depth}")
     out: queue.Queue = queue.Queue(maxsize=depth)
@@ -64,7 +68,7 @@ def overlapped(
             return
         put(_END)
 
-    worker = threading.Thread(target=work, name="overlap-stage", daemon=True)
+    worker = threading.Thread(target=work, name=name, daemon=True)
     worker.start()
     try:
         while True:
