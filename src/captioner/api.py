@@ -267,7 +267,9 @@ class Captioner:
         An image that cannot be read raises when its batch's results are due."""
         from captioner.overlap import Failed, overlapped
 
-        stream = overlapped((list(b) for b in batches), lambda b: b and self.encode_batch(b))
+        stream = overlapped(
+            (list(b) for b in batches), lambda b: self.encode_batch(b) if b else None
+        )
         try:
             for batch, encoded in stream:
                 if isinstance(encoded, Failed):

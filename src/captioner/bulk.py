@@ -177,14 +177,10 @@ def caption_bulk(
         return captioner.encode_batch(images) if images else None
 
     def captioned(images: list[_Decoded], encoded: Any) -> list[CaptionResult | str]:
-        if isinstance(encoded, Failed):  # an image the encoder refused: one by one
-            if isinstance(encoded.error, ConfigError) or not isinstance(
-                encoded.error, CaptionerError
-            ):
-                raise encoded.error
-            return caption_chunk(captioner, [d.image for d in images], **settings)
-        features, logits = encoded
         try:
+            if isinstance(encoded, Failed):
+                raise encoded.error
+            features, logits = encoded
             return list(
                 captioner.caption_features(
                     features, return_attention=False, concept_logits=logits, **settings
@@ -192,7 +188,7 @@ def caption_bulk(
             )
         except ConfigError:
             raise
-        except CaptionerError:
+        except CaptionerError:  # an image the model refused: caption_chunk goes one by one
             return caption_chunk(captioner, [d.image for d in images], **settings)
 
     def finish(chunk: list[_Decoded], encoded: Any) -> None:

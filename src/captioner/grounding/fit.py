@@ -27,7 +27,7 @@ TEMPERATURES = (1.0, 2.0, 4.0)
 PRIORS = (0.5, 2.0, 8.0)
 MIN_TRAIN_IMAGES = 10  # a learnt word needs this many training photos that use it
 DETECTOR_L2 = (0.1, 0.3)  # weight decays tried for the feature detector
-DETECTOR_WEIGHTS = (0.0, 0.5, 1.0)  # its share in the learnt evidence (0: the table alone)
+DETECTOR_WEIGHTS = (0.5, 1.0)  # its shares in the learnt evidence tried beside the table alone
 
 
 @dataclass
@@ -97,15 +97,14 @@ def fit_grounding(
     for temperature in TEMPERATURES:
         for prior in PRIORS:
             table = ConceptWordTable.fit(train.logits, y_train[:, candidates], temperature, prior)
-            auc = roc_auc(table.predict(dev.logits), y_dev[:, candidates] > 0)
+            predicted = table.predict(dev.logits)  # (M, len(candidates))
+            auc = roc_auc(predicted, y_dev[:, candidates] > 0)
             mean_auc = float(np.nanmean(auc))
             log(f"grounding: temperature {temperature}, prior {prior}: dev mean AUC {mean_auc:.4f}")
             if best is None or mean_auc > best[0]:
-                best = (mean_auc, temperature, prior, auc)
-    mean_auc, temperature, prior, auc = best
+                best = (mean_auc, temperature, prior, auc, predicted)
+    mean_auc, temperature, prior, auc, table_dev = best
     table_auc = mean_auc
-    table_dev = ConceptWordTable.fit(train.logits, y_train[:, candidates], temperature, prior)
-    table_dev = table_dev.predict(dev.logits)  # (M, len(candidates))
 
     concepts = ImageNetConcepts.load()
     objects = load_object_words()
@@ -118,11 +117,11 @@ def fit_grounding(
     columns = np.union1d(candidates, np.flatnonzero(content | named))  # (D,)
     position = {int(c): i for i, c in enumerate(columns)}
     cand_cols = np.array([position[int(c)] for c in candidates])
-    chosen = (0.0, 0.0, None, mean_auc)  # (weight, l2, detector, dev mean AUC)
+    chosen = (0.0, 0.0, None, mean_auc)  # (weight, l2, detector, dev mean AUC): table alone
     for l2 in DETECTOR_L2:
         detector = FeatureWordDetector.fit(train.pooled, y_train[:, columns], l2)
         found = detector.predict(dev.pooled)[:, cand_cols]  # (M, len(candidates))
-        for weight in DETECTOR_WEIGHTS[1:]:
+        for weight in DETECTOR_WEIGHTS:
             blend_auc = roc_auc((1 - weight) * table_dev + weight * found, y_dev[:, candidates] > 0)
             blend_mean = float(np.nanmean(blend_auc))
             log(f"grounding: detector l2 {l2}, weight {weight}: dev mean AUC {blend_mean:.4f}")
