@@ -34,7 +34,6 @@ import _common as common  # noqa: E402
 import bench_ood  # noqa: E402
 
 HEADS = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
-TRAIN_LIST = "Flickr_8k.trainImages.txt"
 
 
 def vocabulary_named(photos: Sequence[bench_ood.Photo], vocabulary: Iterable[str]) -> list[bool]:
@@ -43,9 +42,12 @@ def vocabulary_named(photos: Sequence[bench_ood.Photo], vocabulary: Iterable[str
     return [any(w.lower() in words for w in p.subject_words) for p in photos]
 
 
-def concepts_named(photos: Sequence[bench_ood.Photo], probs, concepts) -> list[bool]:
-    """Per photo: the top concept words of its (1000,) class probabilities name the subject."""
-    top = concepts.top(probs, 5, 0.05)
+def concepts_named(
+    photos: Sequence[bench_ood.Photo], probs, concepts, top_k: int, min_prob: float
+) -> list[bool]:
+    """Per photo: the top concept words of its (1000,) class probabilities, listed as a
+    grounded caption lists them (``top_k``, ``min_prob``), name the subject."""
+    top = concepts.top(probs, top_k, min_prob)
     return [bench_ood.concepts_name_subject(p, t) for p, t in zip(photos, top, strict=True)]
 
 
@@ -73,21 +75,27 @@ def training_prior(names: Sequence[str], references: dict[str, list[str]]) -> di
     return counts
 
 
-def head_probabilities(files: Sequence[Path]) -> dict[str, object]:
+def load_heads() -> dict[str, tuple]:
+    """Every ImageNet head we can install: name -> (frozen encoder, its spec)."""
+    from captioner.features.encoders import build_encoder, get_spec
+
+    return {name: (build_encoder(name), get_spec(name)) for name in HEADS}
+
+
+def head_probabilities(files: Sequence[Path], heads: dict[str, tuple]) -> dict[str, object]:
     """(N, 1000) class probabilities per head and variant ("<head>", "<head> + flip", and the
-    three heads with flips averaged, "all 3 + flip")."""
+    heads with flips averaged, "all 3 + flip")."""
     import numpy as np
     import torch
     from PIL import Image
 
-    from captioner.features.encoders import build_encoder, get_spec, preprocess
+    from captioner.features.encoders import preprocess
     from captioner.grounding.word_model import softmax
 
     images = [np.asarray(Image.open(f).convert("RGB")) for f in files]
     out: dict[str, object] = {}
     ensemble = []
-    for name in HEADS:
-        encoder, spec = build_encoder(name), get_spec(name)
+    for name, (encoder, spec) in heads.items():
         views = []
         for flip in (False, True):
             batch = preprocess([im[:, ::-1] if flip else im for im in images], spec)
@@ -119,13 +127,17 @@ def main(argv: list[str] | None = None) -> None:
     from captioner.errors import CaptionerError
     from captioner.evaluation.hallucination import share
     from captioner.features.concepts import ImageNetConcepts
+    from captioner.grounding.grounder import GroundingConfig
     from captioner.io import atomic_write_json
 
     try:
-        vocabulary = Captioner.from_pretrained(args.model).vocab.itos
+        captioner = Captioner.from_pretrained(args.model)
     except CaptionerError as exc:
         sys.exit(f"error: {exc}")
+    vocabulary = captioner.vocab.itos
+    listed = captioner.grounder.config if captioner.grounder else GroundingConfig()
     concepts = ImageNetConcepts.load()
+    heads = load_heads()
     report: dict[str, dict] = {}
     for i, path in enumerate(args.photos):
         photos = bench_ood.load_photos(path)
@@ -135,8 +147,8 @@ def main(argv: list[str] | None = None) -> None:
         n = len(photos)
         lines = {"vocabulary": sum(vocabulary_named(photos, vocabulary))}
         flags = {}
-        for variant, probs in head_probabilities([p.file for p in photos]).items():
-            flags[variant] = concepts_named(photos, probs, concepts)
+        for variant, probs in head_probabilities([p.file for p in photos], heads).items():
+            flags[variant] = concepts_named(photos, probs, concepts, listed.top_k, listed.min_prob)
             lines[f"concepts: {variant}"] = sum(flags[variant])
         if args.captions:
             try:
@@ -155,12 +167,18 @@ def main(argv: list[str] | None = None) -> None:
         )
         report[path.name] = {"photos": n, **lines}
 
-    split = args.data_dir / TRAIN_LIST
-    if split.is_file():
-        from captioner.data.captions import read_flickr_csv
+    from captioner.data.captions import find_caption_file_or_none, read_captions
+    from captioner.data.splits import read_official_lists
+    from captioner.errors import DataError
 
-        names = [s.strip() for s in split.read_text().splitlines() if s.strip()]
-        prior = training_prior(names, read_flickr_csv(args.data_dir / "captions.txt").captions)
+    lists = read_official_lists(args.data_dir) if args.data_dir.is_dir() else None
+    caption_file = find_caption_file_or_none(args.data_dir) if lists else None
+    if caption_file is not None:
+        try:
+            references = read_captions(caption_file).captions
+            prior = training_prior(lists["train"], references)
+        except (DataError, KeyError) as exc:
+            sys.exit(f"error: cannot read the Flickr8k training references: {exc}")
         print(
             f"\nFlickr8k train: {prior['photos']} photos; references name a person in "
             f"{prior['person']}, a dog in {prior['dog']}, neither in {prior['neither']} "
@@ -168,7 +186,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         report["train_prior"] = prior
     else:
-        print(f"\n(no {split}: training prior skipped)")
+        print(
+            f"\n(no Flickr8k split lists and captions in {args.data_dir}: training prior skipped)"
+        )
     if args.json is not None:
         atomic_write_json(args.json, report)
         print(f"wrote {args.json}")

@@ -43,7 +43,7 @@ def test_concept_ceiling_reads_the_top_concept_words(bounds):
     fish = next(i for i, ws in enumerate(concepts.words) if ws[0] == "fish")
     probs[1, fish] = 0.9  # and one it sees as something else
     photos = [_photo(bounds, "a", ["cat"]), _photo(bounds, "b", ["cat"])]
-    assert bounds.concepts_named(photos, probs, concepts) == [True, False]
+    assert bounds.concepts_named(photos, probs, concepts, 5, 0.05) == [True, False]
 
 
 def test_union_ceiling_keeps_caption_hits_and_adds_concept_hits(bounds):
