@@ -31,7 +31,7 @@ def main() -> None:
 
     import ray
 
-    from captioner.bulk_inputs import walk_images
+    from captioner.bulk.inputs import walk_images
     from captioner.distributed.ray_data import caption_dataset
 
     files = [str(p) for _, p in zip(range(args.limit), walk_images(args.images))]

@@ -16,10 +16,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-import captioner.bulk as bulk
 from captioner.api import CaptionResult
-from captioner.bulk import caption_bulk, plan
-from captioner.bulk_writers import AppendFile, Sidecars
+from captioner.bulk import AppendFile, Sidecars, caption_bulk, plan
+from captioner.bulk import run as bulk
 from captioner.errors import DataError
 
 

@@ -38,8 +38,8 @@ def _legacy(record: dict) -> dict:
 
 
 def _choose_sink(fmt: str, output: Path | None, overwrite: bool):
-    """The bulk_writers sink for a format and destination."""
-    from captioner.bulk_writers import AppendFile, Collect, Sidecars, Stream
+    """The bulk.writers sink for a format and destination."""
+    from captioner.bulk.writers import AppendFile, Collect, Sidecars, Stream
 
     if fmt == "txt":
         return Sidecars(overwrite)
@@ -95,7 +95,7 @@ def caption_cmd(
     bounded. Unreadable files are reported on stderr and skipped (exit code 1)."""
     from captioner.api import Captioner
     from captioner.bulk import caption_bulk, plan
-    from captioner.bulk_writers import AppendFile, Collect
+    from captioner.bulk.writers import AppendFile, Collect
     from captioner.io import atomic_write_text
 
     if ray is not None:

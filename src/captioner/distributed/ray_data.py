@@ -171,7 +171,7 @@ def list_inputs(
     """(local image files as absolute paths, URIs): Ray workers run in their own folders, so a
     relative path would mean nothing there. Tar shards are refused (read_webdataset reads
     them; see docs/RAY.md)."""
-    from captioner.bulk_inputs import iter_sources, unique
+    from captioner.bulk.inputs import iter_sources, unique
 
     uris = [item for item in inputs if is_uri(item)]
     local = [item.removeprefix("file://") for item in inputs if not is_uri(item)]
@@ -221,7 +221,7 @@ def caption_rows(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Caption on the connected cluster; batches of ``COLUMNS`` rows, streamed to the driver."""
     ray = import_ray()
-    from captioner.bulk_inputs import IMAGE_SUFFIXES
+    from captioner.bulk.inputs import IMAGE_SUFFIXES
 
     ray.data.DataContext.get_current().enable_progress_bars = progress
     # reading bytes is I/O (decoding happens in the actors): a read task that asked for a CPU

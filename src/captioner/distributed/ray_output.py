@@ -45,7 +45,7 @@ class JsonlOutput:
     """A resumable JSONL file, through the single-machine AppendFile."""
 
     def __init__(self, path: Path, overwrite: bool) -> None:
-        from captioner.bulk_writers import AppendFile
+        from captioner.bulk.writers import AppendFile
 
         self._file = AppendFile(path, "jsonl", overwrite)
         self.done = self._file.done
@@ -53,7 +53,7 @@ class JsonlOutput:
 
     def write(self, batch: dict[str, np.ndarray]) -> int:
         from captioner.api import CaptionResult
-        from captioner.bulk_inputs import Source
+        from captioner.bulk.inputs import Source
 
         chunk = []
         for i in _ok_rows(batch):

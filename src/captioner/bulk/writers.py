@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol
 
-from captioner.bulk_inputs import KeySet, Source
+from captioner.bulk.inputs import KeySet, Source
 from captioner.errors import DataError
 from captioner.io import atomic_write_text
 

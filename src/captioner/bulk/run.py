@@ -4,7 +4,7 @@ A background thread walks the inputs, skips the images the sink already has (res
 decodes the rest into a bounded queue, so JPEG decoding overlaps the model and at most
 ``prefetch`` decoded images wait in memory. A second thread encodes the next chunk (one
 encoder call, :mod:`captioner.overlap`) while the main thread beam-searches this one and hands
-it to the sink (bulk_writers), which makes it durable before the next: JPEG decoding, the
+it to the sink (bulk.writers), which makes it durable before the next: JPEG decoding, the
 encoder and the decoder all overlap, so both cores stay busy.
 Unreadable images are reported and counted, never stopping the run.
 """
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from captioner.bulk_inputs import Source, iter_sources, unique
-from captioner.bulk_writers import Sink
+from captioner.bulk.inputs import Source, iter_sources, unique
+from captioner.bulk.writers import Sink
 from captioner.data.images import load_image
 from captioner.errors import CaptionerError, ConfigError, ImageLoadError
 from captioner.overlap import Failed, overlapped
