@@ -78,16 +78,23 @@ def test_per_channel_standardizes_each_channel():
 
 
 def test_encoder_matches_spec_formula():
+    from captioner.features.encoders import ENCODERS, EncoderSpec, get_spec
+
     image = synthetic_image()
     expected = (image.astype(np.float32) - 127.0) / 128.0
     np.testing.assert_allclose(norm.encoder(image), expected, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(norm.encoder(image, "efficientnet-lite1"), expected, atol=1e-6)
+    spec = get_spec("efficientnet-lite1")
+    np.testing.assert_allclose(norm.encoder(image, spec.mean, spec.std), expected, atol=1e-6)
     assert norm.normalize(image, "encoder").shape == image.shape
+    # one source for the constants: the data layer's, which every bundled spec uses
+    assert (EncoderSpec.mean, EncoderSpec.std) == (norm.ENCODER_MEAN, norm.ENCODER_STD)
+    assert {(s.mean, s.std) for s, _ in ENCODERS.values()} == {(127.0, 128.0)}
 
 
-def test_encoder_unknown_name_raises_config_error():
-    with pytest.raises(ConfigError):
-        norm.encoder(synthetic_image(), "resnet-9000")
+def test_encoder_unknown_name_raises_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="unknown encoder"):
+        render_normalize_preview(synthetic_image(), tmp_path / "x.png", encoder="resnet-9000")
+    assert not list(tmp_path.iterdir())  # nothing written
     with pytest.raises(ConfigError):
         norm.normalize(synthetic_image(), "zscore")
 

@@ -2,7 +2,8 @@
 data/manifests.py) CSV/TSV/JSONL manifests of (image path, caption).
 
 Every reader returns the same thing: an ordered mapping ``image file name -> captions``, plus the
-dataset's own split assignment when the format carries one (Karpathy JSON does).
+dataset's own split assignment when the format carries one (Karpathy JSON does): a
+``CaptionSet`` (``data/caption_set.py``, importable from here too).
 """
 
 from __future__ import annotations
@@ -10,42 +11,13 @@ from __future__ import annotations
 import csv
 import json
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from captioner.data.caption_set import SPLIT_NAMES, CaptionSet
+from captioner.data.manifests import read_manifest
 from captioner.errors import DataError
 
-SPLIT_NAMES = ("train", "val", "test")
-MAX_BAD_EXAMPLES = 10  # bad rows named in the report; the rest are only counted
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl")
-
-
-@dataclass
-class CaptionSet:
-    """Captions of a dataset, grouped by image, in file order."""
-
-    captions: dict[str, list[str]]
-    # split name -> image names, when the caption file itself defines a split (Karpathy JSON)
-    splits: dict[str, list[str]] = field(default_factory=dict)
-    source: str = ""
-    # rows left out, by reason ("empty caption": 3, "missing image": 1...); a large dataset
-    # always has some, and they are counted and reported instead of stopping the run
-    bad: dict[str, int] = field(default_factory=dict)
-    bad_examples: list[str] = field(default_factory=list)
-
-    @property
-    def num_captions(self) -> int:
-        return sum(len(c) for c in self.captions.values())
-
-    @property
-    def num_bad(self) -> int:
-        return sum(self.bad.values())
-
-    def note_bad(self, reason: str, where: str) -> None:
-        """Count one left-out row; keep the first few places for the report."""
-        self.bad[reason] = self.bad.get(reason, 0) + 1
-        if len(self.bad_examples) < MAX_BAD_EXAMPLES:
-            self.bad_examples.append(f"{where}: {reason}")
 
 
 def _add(captions: dict[str, list[str]], image: str, caption: str) -> None:
@@ -147,8 +119,6 @@ def read_captions(path: str | Path) -> CaptionSet:
 
 def _read_any(path: Path) -> CaptionSet:
     if path.suffix.lower() in MANIFEST_SUFFIXES and path.name != "captions.txt":
-        from captioner.data.manifests import read_manifest
-
         result = read_manifest(path)
     elif path.suffix.lower() == ".json":
         try:

@@ -19,7 +19,7 @@ import sys
 from collections import OrderedDict
 from pathlib import Path
 
-from captioner.data.captions import CaptionSet
+from captioner.data.caption_set import CaptionSet
 from captioner.data.image_source import IMAGE_SUFFIXES
 from captioner.errors import DataError
 

@@ -6,9 +6,11 @@ Four ways to turn pixel values into network inputs, kept side by side so they ca
 - ``minmax``: stretch the image's own min..max to 0..1.
 - ``mean_std``: subtract the image's global mean, divide by its global std.
 - ``per_channel``: the same, per colour channel.
-- ``encoder``: what the pretrained encoder was trained with, ``(x - spec.mean) / spec.std``
-  (the spec travels with ``captioner.features.encoders``). Training and prediction use this one,
-  via ``captioner.features.encoders.preprocess``, which also resizes.
+- ``encoder``: what the pretrained encoder was trained with, ``(x - mean) / std``. The
+  constants live here, in the data layer (``ENCODER_MEAN``/``ENCODER_STD``, the defaults of
+  ``captioner.features.encoders.EncoderSpec``); a caller with another spec passes its
+  ``spec.mean, spec.std`` down, so this module never imports the features layer above it.
+  Training and prediction use ``captioner.features.encoders.preprocess``, which also resizes.
 
 A constant image (zero range / zero std) gives finite values, never NaN: the divisor falls back
 to 1, so min-max and the standardizations return zeros there.
@@ -26,6 +28,11 @@ from captioner.errors import ConfigError
 # Below this a spread counts as zero. uint8 images never get close: their smallest nonzero std
 # is well above 1e-3.
 _EPS = 1e-6
+
+# x' = (x - mean) / std on RGB 0..255: what the EfficientNet-Lite weights (born in TF-Lite)
+# were trained with; features.encoders.EncoderSpec takes its defaults from here
+ENCODER_MEAN = 127.0
+ENCODER_STD = 128.0
 
 
 def _as_float(image: np.ndarray) -> np.ndarray:
@@ -59,18 +66,14 @@ def per_channel(image: np.ndarray) -> np.ndarray:
     return ((x - mean) / _safe(std)).astype(np.float32)
 
 
-def encoder(image: np.ndarray, name: str | None = None) -> np.ndarray:
-    """The encoder's own preprocessing, (x - spec.mean) / spec.std, without the resize.
+def encoder(image: np.ndarray, mean: float = ENCODER_MEAN, std: float = ENCODER_STD) -> np.ndarray:
+    """The encoder's own preprocessing, (x - mean) / std, without the resize.
 
-    ``name`` is an encoder in ``captioner.features.encoders.ENCODERS`` (default: the project's
-    default encoder). Unknown names raise ``ConfigError``.
+    The defaults are every bundled encoder's (``EncoderSpec.mean``/``std``); for a named
+    encoder, pass ``spec.mean, spec.std`` from ``captioner.features.encoders.get_spec``.
     """
-    # Imported here: the encoders module pulls in torch, which the other methods don't need.
-    from captioner.features.encoders import DEFAULT_ENCODER, get_spec
-
-    spec = get_spec(name or DEFAULT_ENCODER)
     x = _as_float(image)
-    return ((x - spec.mean) / _safe(spec.std)).astype(np.float32)
+    return ((x - mean) / _safe(std)).astype(np.float32)
 
 
 NORMALIZATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {

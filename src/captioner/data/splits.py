@@ -6,7 +6,7 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from captioner.data.captions import SPLIT_NAMES, CaptionSet
+from captioner.data.caption_set import SPLIT_NAMES, CaptionSet
 from captioner.errors import DataError
 
 # Flickr8k's official lists; the Karpathy split of Flickr8k is identical to them.

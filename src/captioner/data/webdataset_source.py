@@ -23,7 +23,7 @@ from pathlib import Path
 
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from captioner.data.captions import CaptionSet
+from captioner.data.caption_set import CaptionSet
 from captioner.data.image_source import image_problem
 from captioner.errors import DataError
 from captioner.io import atomic_write_json, read_json

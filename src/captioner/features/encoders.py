@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from captioner.data.images import resize
+from captioner.data.normalize import ENCODER_MEAN, ENCODER_STD
 from captioner.errors import ConfigError
 
 DEFAULT_ENCODER = "efficientnet-lite0"
@@ -28,8 +29,8 @@ class EncoderSpec:
     name: str
     image_size: int  # square input the weights were trained at
     channels: int  # C of the (B, P, C) output
-    mean: float = 127.0  # x' = (x - mean) / std on RGB 0..255, for these TF-Lite-born weights
-    std: float = 128.0
+    mean: float = ENCODER_MEAN  # x' = (x - mean) / std on RGB 0..255 (127, 128: TF-Lite-born)
+    std: float = ENCODER_STD
     # bumped whenever the same name starts producing different features (caches, ONNX exports
     # and saved models record it, so nothing made by an older revision is silently reused)
     revision: int = 2

@@ -63,7 +63,11 @@ def render_normalize_preview(
     ):
         values = norm.NORMALIZATIONS[key](rgb)
         panels.append((label, values, _display(values)))
-    values = norm.encoder(rgb, encoder)
+    # imported here: the encoders module pulls in torch, which the other panels don't need
+    from captioner.features.encoders import get_spec
+
+    spec = get_spec(encoder)  # an unknown name: ConfigError
+    values = norm.encoder(rgb, spec.mean, spec.std)
     panels.append((f"encoder: {encoder}", values, _display(values)))
 
     fig_height = _panel_height(rgb) + 0.95  # inches: two title lines above, caption below
