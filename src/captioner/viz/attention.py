@@ -4,6 +4,9 @@ The encoder squashes every image to a square and returns a ``grid x grid`` featu
 attention map covers the whole (unsquashed) picture: it is upsampled smoothly (bicubic) to the
 displayed image's size, whatever its aspect ratio, and blended over it.
 
+Under the caption, a grounded model's result also shows what the encoder sees (its concepts)
+and the in-domain verdict, so the picture alone says whether the caption can be trusted.
+
 The figure is drawn on a bare ``matplotlib.figure.Figure`` (Agg, no pyplot global state) and
 written atomically, like the previews in :mod:`captioner.viz.previews`.
 """
@@ -38,6 +41,8 @@ _DPI = 100
 _LINE_INCHES = 0.22  # height of one line of small text
 _TITLE_INCHES = 0.3  # height of one line of the figure title
 _MARGIN_INCHES = 0.15  # left and right of the panel grid
+IN_DOMAIN_COLOUR = "#1a7f37"  # green: like the training photos
+OUT_OF_DOMAIN_COLOUR = "#b42318"  # red: the caption may well be wrong
 
 
 def display_image(image: np.ndarray, side: int = DISPLAY_SIDE) -> np.ndarray:
@@ -90,6 +95,27 @@ def _maps(result: CaptionResult, grid_size: int) -> np.ndarray | None:
     return maps
 
 
+def grounding_lines(result: CaptionResult, width: int) -> list[tuple[str, str]]:
+    """(text, colour) lines saying what the encoder sees and whether the photo is in domain;
+    none for a model without grounding (``in_domain`` None). Concepts wrap at ``width``."""
+    if result.in_domain is None:
+        return []
+    seen = ", ".join(f"{word} {p:.2f}" for word, p in result.concepts)
+    wrapped = textwrap.wrap(
+        f"the encoder sees: {seen or '(no concept above its threshold)'}", width
+    )
+    lines = [(line, "black") for line in wrapped]
+    score = f"in-domain score {result.in_domain:.3f}"
+    if result.out_of_domain:
+        verdict = (
+            f"OUT OF DOMAIN ({score}): unlike the training photos, the caption may well be wrong"
+        )
+        lines += [(line, OUT_OF_DOMAIN_COLOUR) for line in textwrap.wrap(verdict, width)]
+    else:
+        lines.append((f"in domain ({score}): like the training photos", IN_DOMAIN_COLOUR))
+    return lines
+
+
 def render_attention_figure(
     image: np.ndarray,
     result: CaptionResult,
@@ -98,12 +124,28 @@ def render_attention_figure(
     grid_size: int = 7,
     max_cols: int = _MAX_COLS,
 ) -> Path:
-    """Write a PNG: the image, then one panel per generated word with its attention overlay.
+    """Write ``attention_figure(...)`` as a PNG, atomically; returns ``out_path``."""
+    fig = attention_figure(image, result, references, grid_size, max_cols)
+    out = Path(out_path)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=_DPI)
+    return out
 
-    Panels run in rows of at most ``max_cols``; the generated caption is the figure title and
-    the human ``references`` (when given) are listed below the panels. ``image`` is an RGB
-    uint8 array (anything ``load_image`` accepts also works); ``result`` a ``CaptionResult``
-    with attention (without it, the word panels show the plain image). Returns ``out_path``.
+
+def attention_figure(
+    image: np.ndarray,
+    result: CaptionResult,
+    references: list[str] | None = None,
+    grid_size: int = 7,
+    max_cols: int = _MAX_COLS,
+) -> Figure:
+    """The image, then one panel per generated word with its attention overlay.
+
+    Panels run in rows of at most ``max_cols``; the generated caption is the figure title, with
+    the result's concepts and in-domain verdict under it (grounded models), and the human
+    ``references`` (when given) are listed below the panels. ``image`` is an RGB uint8 array
+    (anything ``load_image`` accepts also works); ``result`` a ``CaptionResult`` with attention
+    (without it, the word panels show the plain image).
     """
     if max_cols < 1:
         raise ConfigError(f"max_cols must be at least 1, got {max_cols}")
@@ -127,7 +169,8 @@ def render_attention_figure(
     subtitle = f"score {result.score:.3f} (length-normalised log-probability)"
     if maps is None:
         subtitle += "; no attention maps"
-    header_h = _TITLE_INCHES * len(title_lines) + _LINE_INCHES + 0.15
+    grounded = grounding_lines(result, chars_per_line)
+    header_h = _TITLE_INCHES * len(title_lines) + _LINE_INCHES * (1 + len(grounded)) + 0.15
 
     ref_lines: list[str] = []
     if references:
@@ -165,6 +208,17 @@ def render_attention_figure(
         fontsize=9,
         color="0.35",
     )
+    for i, (line, colour) in enumerate(grounded, start=1):
+        fig.text(
+            0.5,
+            1 - (0.12 + _TITLE_INCHES * len(title_lines) + _LINE_INCHES * i) / fig_h,
+            line,
+            ha="center",
+            va="top",
+            fontsize=9.5,
+            color=colour,
+            fontweight="normal" if colour == "black" else "bold",
+        )
 
     grid_left = (fig_w - _PANEL_INCHES * cols) / 2  # centre the panel grid
     pad = 0.04  # inches between panels
@@ -203,8 +257,4 @@ def render_attention_figure(
             fontweight="bold" if line == "human references:" else "normal",
         )
         y -= _LINE_INCHES
-
-    out = Path(out_path)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=_DPI)
-    return out
+    return fig
