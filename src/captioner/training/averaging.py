@@ -14,6 +14,11 @@ from safetensors.torch import load_file, save_file
 from captioner.errors import CheckpointError, ConfigError
 from captioner.io import atomic_path, read_json
 from captioner.model.captioning_model import CaptioningModel
+from captioner.training.guards import (
+    check_finite_weights,
+    drop_stale_grounding,
+    non_finite_keys,
+)
 
 EPOCHS_DIR = "epochs"
 _EPOCH_FILE = re.compile(r"^epoch_(\d{3,})\.safetensors$")
@@ -30,6 +35,7 @@ def save_epoch_weights(run_dir: Path, epoch: int, model: torch.nn.Module, keep: 
     target = epoch_file(run_dir, epoch)
     target.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    check_finite_weights(state, f"the weights of epoch {epoch}")
     with atomic_path(target) as tmp:
         save_file(state, str(tmp), metadata={"epoch": str(epoch)})
     saved = list_epoch_weights(run_dir)
@@ -59,6 +65,12 @@ def average_state_dicts(paths: list[Path]) -> dict[str, torch.Tensor]:
             state = load_file(str(path))
         except Exception as exc:  # safetensors raises its own error types
             raise CheckpointError(f"{path}: unreadable weights ({exc})") from exc
+        bad = non_finite_keys(state)
+        if bad:
+            raise CheckpointError(
+                f"{path}: {', '.join(bad[:3])} hold NaN or infinite values (a diverged epoch); "
+                "leave it out with --epoch"
+            )
         if total and set(state) != set(total):
             raise CheckpointError(f"{path}: its tensors differ from {paths[0]}'s")
         for key, value in state.items():
@@ -73,6 +85,7 @@ def average_run(
     out_dir: str | Path,
     last: int = 3,
     epochs: list[int] | None = None,
+    log=print,
 ) -> Path:
     """Average the ``last`` newest kept epochs (or exactly ``epochs``) of a run into a model.
 
@@ -94,6 +107,11 @@ def average_run(
         if last <= 0:
             raise ConfigError("--last must be positive")
         chosen = sorted(saved)[-last:]
+        if last > len(saved):
+            log(
+                f"note: --last {last} asks for more epochs than the {len(saved)} kept in "
+                f"{run_dir / EPOCHS_DIR}: averaging all of them (epochs {_span(chosen)})"
+            )
     template = CaptioningModel.from_pretrained(run_dir / "best")
     averaged = average_state_dicts([saved[e] for e in chosen])
     try:
@@ -107,6 +125,15 @@ def average_run(
         settings = run_dir / f"{name}.json"
         if name in extra and settings.is_file():
             extra[name] = read_json(settings)
+    check_finite_weights(averaged, f"the average of epochs {_span(chosen)}")
+    drop_stale_grounding(Path(out_dir), log)
     return template.save_pretrained(
         out_dir, extra={**extra, "averaged_epochs": chosen, "run": str(run_dir)}
     )
+
+
+def _span(epochs: list[int]) -> str:
+    """1-8 for a contiguous run of epochs, else 1, 3, 4."""
+    if len(epochs) > 2 and epochs == list(range(epochs[0], epochs[-1] + 1)):
+        return f"{epochs[0]}-{epochs[-1]}"
+    return ", ".join(map(str, epochs))

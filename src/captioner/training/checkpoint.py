@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from captioner.errors import CheckpointError
+from captioner.errors import CheckpointError, ConfigError
 from captioner.io import atomic_write_json, read_json
+from captioner.training.guards import check_finite_weights, non_finite_keys
 
 PREFIX = "step_"
 STEP_PATTERN = re.compile(rf"^{PREFIX}\d+$")
@@ -62,7 +63,13 @@ def save_checkpoint(
     progress: dict,
     keep_last: int = 3,
 ) -> Path:
-    """Write model + optimizer + RNG + progress (epoch, batch, metrics...) atomically."""
+    """Write model + optimizer + RNG + progress (epoch, batch, metrics...) atomically.
+    Non-finite weights are refused before anything is written; a failed write (a full disk)
+    removes its half-written folder, so the checkpoints in place stay the last good ones."""
+    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+    check_finite_weights(weights, f"checkpoint {step} (model)")
+    check_finite_weights(opt_tensors, f"checkpoint {step} (optimizer state)")
     ckpt_root.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(ckpt_root)
     final = ckpt_root / f"{PREFIX}{step:08d}"
@@ -70,26 +77,27 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(
-        {k: v.detach().contiguous() for k, v in model.state_dict().items()},
-        str(tmp / "model.safetensors"),
-    )
-    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
-    save_file(
-        {**opt_tensors, "__torch_rng__": torch.get_rng_state()}, str(tmp / "optimizer.safetensors")
-    )
-    atomic_write_json(
-        tmp / "state.json",
-        {
-            "step": step,
-            "progress": progress,
-            "optimizer": opt_meta,
-            "python_rng": _jsonable_random_state(),
-        },
-    )
-    for name in ("model.safetensors", "optimizer.safetensors"):
-        with open(tmp / name, "rb") as handle:
-            os.fsync(handle.fileno())
+    try:
+        save_file(weights, str(tmp / "model.safetensors"))
+        save_file(
+            {**opt_tensors, "__torch_rng__": torch.get_rng_state()},
+            str(tmp / "optimizer.safetensors"),
+        )
+        atomic_write_json(
+            tmp / "state.json",
+            {
+                "step": step,
+                "progress": progress,
+                "optimizer": opt_meta,
+                "python_rng": _jsonable_random_state(),
+            },
+        )
+        for name in ("model.safetensors", "optimizer.safetensors"):
+            with open(tmp / name, "rb") as handle:
+                os.fsync(handle.fileno())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -181,8 +189,13 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         version, internal, gauss = meta["python_rng"]
         python_rng = (version, tuple(internal), gauss)
         result = {"step": meta["step"], **meta["progress"]}
+        _check_fits(path, weights, model)
+        if non_finite_keys(weights):
+            raise CheckpointError(f"checkpoint {path} holds NaN or infinite weights")
         model.load_state_dict(weights, strict=True)
         _restore_optimizer(optimizer, opt, meta["optimizer"])
+    except CheckpointError:
+        raise
     except (OSError, KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"checkpoint {path} is damaged or incompatible: {exc}") from exc
     except Exception as exc:  # safetensors' own errors
@@ -190,6 +203,24 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     torch.set_rng_state(rng)
     random.setstate(python_rng)
     return result
+
+
+class IncompatibleCheckpointError(CheckpointError):
+    """A readable checkpoint whose tensors do not fit the model: the run's settings or its
+    vocabulary changed. Not damage: it is refused, never set aside or trained over."""
+
+
+def _check_fits(path: Path, weights: dict, model: torch.nn.Module) -> None:
+    expected = model.state_dict()
+    wrong = sorted(set(weights) ^ set(expected)) or [
+        f"{k} {tuple(weights[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if weights[k].shape != v.shape
+    ]
+    if wrong:
+        raise IncompatibleCheckpointError(
+            f"checkpoint {path} does not fit this model ({', '.join(wrong[:3])})"
+        )
 
 
 def _stderr(message: str) -> None:
@@ -215,6 +246,12 @@ def resume_latest(
     for path in reversed(list_checkpoints(ckpt_root)):
         try:
             progress = load_checkpoint(path, model, optimizer)
+        except IncompatibleCheckpointError as exc:
+            raise ConfigError(
+                f"{exc}: the model settings or the vocabulary changed since this run was "
+                "checkpointed; pass --restart to start over (the old checkpoints are set aside), "
+                "or use another --run-dir"
+            ) from exc
         except CheckpointError as exc:
             damaged.append(path)
             where = f"moved it to {set_aside(ckpt_root, [path], DAMAGED)[0]}; " if tidy else ""

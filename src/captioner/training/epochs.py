@@ -14,6 +14,7 @@ from captioner.model.captioning_model import CaptioningModel
 from captioner.model.decoder import ShowAttendTellDecoder
 from captioner.training.averaging import save_epoch_weights
 from captioner.training.feature_store import TrainingFeatures
+from captioner.training.guards import check_finite_weights, drop_stale_grounding
 
 
 def validate(
@@ -117,6 +118,8 @@ class EpochRecorder:
                 "metric": self.select_metric,
             }
             state["bad_epochs"] = 0
+            check_finite_weights(self.decoder.state_dict(), f"{self.run_dir / 'best'}")
+            drop_stale_grounding(self.run_dir / "best", self.log)
             CaptioningModel(self.decoder, self.vocab, self.spec).save_pretrained(
                 self.run_dir / "best",
                 extra={"dev": {**scores, "epoch": epoch + 1}, **self.extra},

@@ -25,6 +25,13 @@ from captioner.training.config import TrainConfig, _Settings
 from captioner.training.distributed import DistContext, broadcast_flag, init_distributed, shutdown
 from captioner.training.epochs import EpochRecorder, new_progress
 from captioner.training.feature_store import TrainingFeatures
+from captioner.training.guards import check_finite_loss
+from captioner.training.run_identity import (
+    check_vocabulary,
+    note_extension,
+    record_vocabulary,
+    saved_epochs,
+)
 
 
 def cosine_decay(lr: float, min_lr: float, progress: float) -> float:
@@ -173,12 +180,16 @@ def _train(cfg: TrainConfig, ctx: DistContext, restart: bool, log) -> Path:
         val_images=cfg.val_images,
         device=ctx.device,
     )
+    previous_epochs = None  # --epochs of the run being resumed (main rank)
     if ctx.is_main:
         prepare_settings = PrepareSettings(num_words=cfg.num_words or None, min_count=cfg.min_count)
         prepared = prepare_data(cfg.work_dir, cfg.data_dir, prepare_settings, log)
         features = load_training_features(prepared, cfg.encoder, **feature_settings)
+        check_vocabulary(run_dir, prepared.vocab, cfg.work_dir, restart)
+        previous_epochs = saved_epochs(run_dir / "train_config.json")
         run_dir.mkdir(parents=True, exist_ok=True)
         save_settings(run_dir / "train_config.json", cfg, restart)
+        record_vocabulary(run_dir, prepared.vocab)
     ctx.barrier()
     if not ctx.is_main:
         prepared = PreparedData.load(cfg.work_dir)
@@ -225,6 +236,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, restart: bool, log) -> Path:
     resumed = None if restart else resume_latest(ckpt_root, decoder, optimizer, log, ctx.is_main)
     if resumed:
         state.update(resumed)
+        if ctx.is_main:
+            note_extension(previous_epochs, state["epoch"], cfg.epochs, log)
     if ctx.enabled:  # every rank starts from rank 0's weights
         for p in decoder.state_dict().values():
             torch.distributed.broadcast(p, src=0)
@@ -292,6 +305,15 @@ def _train(cfg: TrainConfig, ctx: DistContext, restart: bool, log) -> Path:
                     group["lr"] = get_lr(state["step"], total_steps, cfg)
                 ce, idx = train_step(
                     model, optimizer, feats, samples, images, cfg, amp_dtype, scaler
+                )
+                check_finite_loss(
+                    ce,
+                    "the training loss",
+                    step=state["step"],
+                    epoch=epoch,
+                    batch=b,
+                    feats=feats,
+                    image_names=[splits.train[i] for i in images.tolist()],
                 )
                 state["step"] += 1
                 state["batch"] = b + 1

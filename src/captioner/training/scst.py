@@ -11,8 +11,10 @@ optimises the metric the model is judged by. Runs resume from the latest checkpo
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,8 @@ from captioner.training.caption_reward import CaptionReward
 from captioner.training.checkpoint import resume_latest, save_checkpoint, start_over
 from captioner.training.config import ScstConfig
 from captioner.training.epochs import EpochRecorder, new_progress
+from captioner.training.guards import check_finite_loss
+from captioner.training.run_identity import note_extension, saved_epochs
 from captioner.training.loop import (
     cosine_decay,
     load_training_features,
@@ -131,11 +135,15 @@ def scst_step(
     generator: torch.Generator,
     amp_dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    guard: Callable[[float], None] | None = None,
 ) -> tuple[float, float]:
     """One update on the images (rows of ``feats`` (I, P, C) on the decoder's device;
-    ``images`` their corpus index); ``generator`` lives on that device too. Returns (mean
+    ``images`` their corpus index); ``generator`` lives on that device too. ``guard`` sees the
+    loss before it is back-propagated (and may raise to stop the update). Returns (mean
     sampled reward, mean caption length)."""
     device = feats.device
+    if guard is not None and not bool(torch.isfinite(feats).all()):
+        guard(float("nan"))  # NaN grids would make the sampling itself fail
     banned = torch.tensor(banned_ids(vocab.pad_id, vocab.start_id, vocab.unk_id, True))
     with autocast(device, amp_dtype):
         sampled = sample_captions(
@@ -152,6 +160,8 @@ def scst_step(
     scores = reward.scores(sampled.token_ids, sampled.finished, owners)
     rewards = torch.tensor(scores, device=device).view(-1, cfg.samples_per_image)  # (I, K)
     loss = self_critical_loss(sampled.log_prob_sums, sampled.num_tokens, rewards)
+    if guard is not None:
+        guard(float(loss))
     optimizer.zero_grad(set_to_none=True)
     scaled = scaler is not None and scaler.is_enabled()
     (scaler.scale(loss) if scaled else loss).backward()
@@ -192,9 +202,11 @@ def train_scst(cfg: ScstConfig, restart: bool = False, log=print) -> Path:
         val_images=cfg.val_images,
         device=device,
     )
+    previous_epochs = saved_epochs(run_dir / "scst_config.json")
     run_dir.mkdir(parents=True, exist_ok=True)
     save_settings(run_dir / "scst_config.json", cfg, restart)
-    samples = build_samples(prepared.splits.train, prepared.captions, vocab)
+    train_names = list(prepared.splits.train)
+    samples = build_samples(train_names, prepared.captions, vocab)
     reward = CaptionReward.from_references(
         reference_corpus(samples),
         end_id=vocab.end_id,
@@ -218,6 +230,7 @@ def train_scst(cfg: ScstConfig, restart: bool = False, log=print) -> Path:
     resumed = None if restart else resume_latest(ckpt_root, decoder, optimizer, log)
     if resumed:
         state.update(resumed)
+        note_extension(previous_epochs, state["epoch"], cfg.epochs, log)
     recorder = EpochRecorder(
         run_dir,
         decoder,
@@ -273,6 +286,15 @@ def train_scst(cfg: ScstConfig, restart: bool = False, log=print) -> Path:
                     generator,
                     amp_dtype,
                     scaler,
+                    guard=functools.partial(
+                        check_finite_loss,
+                        what="the self-critical loss",
+                        step=state["step"],
+                        epoch=epoch,
+                        batch=b,
+                        feats=feats,
+                        image_names=[train_names[i] for i in images.tolist()],
+                    ),
                 )
                 state["step"] += 1
                 state["batch"] = b + 1
