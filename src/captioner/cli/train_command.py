@@ -55,5 +55,7 @@ def average_cmd(
     """Average the weights of a run's last epochs into one model (checkpoint averaging)."""
     from captioner.training.averaging import average_run
 
-    path = average_run(run_dir, out, last=last, epochs=epochs or None)
+    path = average_run(
+        run_dir, out, last=last, epochs=epochs or None, log=lambda m: typer.echo(m, err=True)
+    )
     typer.echo(f"averaged model: {path}")

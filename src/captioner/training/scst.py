@@ -33,13 +33,13 @@ from captioner.training.checkpoint import resume_latest, save_checkpoint, start_
 from captioner.training.config import ScstConfig
 from captioner.training.epochs import EpochRecorder, new_progress
 from captioner.training.guards import check_finite_loss
-from captioner.training.run_identity import note_extension, saved_epochs
 from captioner.training.loop import (
     cosine_decay,
     load_training_features,
     prepare_data,
     save_settings,
 )
+from captioner.training.run_identity import note_extension, saved_epochs
 
 
 @dataclass
