@@ -407,10 +407,105 @@ def test_jpeg_limits(tmp_path):
     )
     for (width, height), match in cases:
         path = tmp_path / f"{width}.jpg"
-        path.write_bytes(grey_jpeg(width, height, scan=False))
+        path.write_bytes(grey_jpeg(width, height, scan=width == 65000))
         with pytest.raises(ImageLoadError, match=match) as info:
             load_image(path)
         assert str(info.value).startswith(f"{path}: a {width}x{height} JPEG")
+
+
+def test_jpeg_header_claiming_more_pixels_than_its_bytes_can_hold_is_refused(tmp_path):
+    """Issue 22: a 24 KB JPEG claiming 30000x30000 was captioned (libjpeg fills the missing
+    data with grey). Over the 64 MP limit, a JPEG needs at least one bit per 8x8 block."""
+    lying = grey_jpeg(30000, 30000, scan=False) + bytes(24_000) + b"\xff\xd9"
+    assert len(lying) < 25_000
+    for source in (lying, tmp_path / "lying.jpg"):
+        if isinstance(source, Path):
+            source.write_bytes(lying)
+        with pytest.raises(ImageLoadError, match="30000x30000 JPEG .*cannot hold that many"):
+            load_image(source)
+    check_rgb(load_image(grey_jpeg(9000, 8000)), 1000, 1125)  # 72 MP, complete: still taken
+
+
+def _animated_gif() -> bytes:
+    frames = [Image.new("RGB", (32, 32), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    return buf.getvalue()
+
+
+def _two_page_tiff_second_without_width() -> bytes:
+    buf = io.BytesIO()
+    first, second = Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (8, 8), (0, 0, 255))
+    first.save(buf, "TIFF", save_all=True, append_images=[second])
+    data = bytearray(buf.getvalue())
+    ifd = struct.unpack("<I", data[4:8])[0]
+    count = struct.unpack("<H", data[ifd : ifd + 2])[0]
+    second_ifd = struct.unpack("<I", data[ifd + 2 + 12 * count : ifd + 6 + 12 * count])[0]
+    for i in range(struct.unpack("<H", data[second_ifd : second_ifd + 2])[0]):
+        entry = second_ifd + 2 + 12 * i
+        if struct.unpack("<H", data[entry : entry + 2])[0] == 256:  # ImageWidth -> unknown tag
+            data[entry : entry + 2] = struct.pack("<H", 999)
+    return bytes(data)
+
+
+def test_truncated_animated_gif_is_an_image_error_not_index_error():
+    """Issue 22: Pillow raised IndexError counting the frames of a cut animated GIF."""
+    data = _animated_gif()
+    for cut in range(len(data) // 3, len(data)):
+        try:
+            out = load_image(data[:cut], name="anim.gif")
+        except ImageLoadError as exc:
+            assert str(exc).startswith("anim.gif: ")
+        else:
+            check_rgb(out, 32, 32)
+
+
+def test_tiff_page_without_image_width_is_not_a_type_error():
+    """Issue 22: a TIFF IFD without ImageWidth raised TypeError "Missing dimensions". Only the
+    first page is read, so the picture on it is still captioned."""
+    out = load_image(_two_page_tiff_second_without_width(), name="pages.tif")
+    check_rgb(out, 8, 8)
+    assert tuple(out[0, 0]) == (255, 0, 0)
+
+
+def test_any_decoder_exception_becomes_an_image_error(monkeypatch):
+    """Whatever a codec raises (here a ZeroDivisionError from inside load) is ImageLoadError."""
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, "PNG")
+
+    def broken_load(self):
+        raise ZeroDivisionError("division by zero in a codec")
+
+    monkeypatch.setattr(Image.Image, "load", broken_load)
+    monkeypatch.setattr(images_module.ImageFile.ImageFile, "load", broken_load)
+    with pytest.raises(ImageLoadError, match="^x.png: corrupt or truncated image \\(division"):
+        load_image(buf.getvalue(), name="x.png")
+
+
+def test_max_side_decodes_reduced_and_keeps_orientation(tmp_path, monkeypatch):
+    """``max_side`` (the web service's 1024 px): a JPEG is decoded at 1/8 scale, a PNG shrunk
+    right after decoding; EXIF orientation is still applied after the shrink."""
+    data = grey_jpeg(4096, 2048)
+    image = images_module.open_image(data, "big.jpg", max_side=512)
+    assert images_module.decoded_pixels(image) == 512 * 256  # what a server counts up front
+    check_rgb(images_module.decode_image(image, "big.jpg", 512), 256, 512)
+    png = io.BytesIO()
+    Image.new("RGB", (300, 200), (10, 200, 30)).save(png, "PNG")
+    out = load_image(png.getvalue(), max_side=150)
+    check_rgb(out, 100, 150)
+    assert np.abs(out.astype(int) - (10, 200, 30)).max() <= 2
+    path = tmp_path / "rot.jpg"
+    exif_jpeg(path, 6)  # 40x20 stored, red left half, shown portrait
+    out = load_image(path, max_side=20)
+    check_rgb(out, 20, 10)
+    assert np.abs(out[:6].astype(int) - (255, 0, 0)).max() < 60  # red still on top
+    palette = Image.new("P", (64, 64), 3)
+    palette.putpalette([0, 0, 0] * 3 + [200, 0, 0] + [0, 0, 0] * 252)
+    buf = io.BytesIO()
+    palette.save(buf, "GIF")
+    out = load_image(buf.getvalue(), max_side=16)
+    check_rgb(out, 16, 16)
+    assert np.abs(out.astype(int) - (200, 0, 0)).max() <= 2
 
 
 def test_custom_name_is_used_in_errors(tmp_path):
