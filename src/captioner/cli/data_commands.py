@@ -145,6 +145,7 @@ def features_cmd(
         batch_size=batch_size,
         threads=threads or None,
         device=target,
+        verify=True,  # hash every shard: a damaged one is extracted again
     )
     for view, path in dirs.items():
         size = sum(p.stat().st_size for p in path.glob("*.safetensors"))

@@ -39,6 +39,13 @@ from captioner.data.images import load_image
 from captioner.errors import CacheError
 from captioner.features.encoders import EncoderSpec, preprocess
 from captioner.features.onnx import FeatureExtractor
+from captioner.features.shard_integrity import (
+    FILES,
+    all_sound,
+    file_record,
+    shard_path,
+    verify_shards,
+)
 from captioner.io import atomic_path, atomic_write_json, read_json
 
 # ``images_dir`` below is a folder or any ImageSource (data/image_source.py: tar shards are read
@@ -147,9 +154,11 @@ def is_current(
     view: int = 0,
     augment: dict | None = None,
     shard_size: int = SHARD_SIZE,
+    verify: bool = False,
 ) -> bool:
     """Whether ``extract_to_cache`` would find nothing to do: the same manifest check, made
-    without building an encoder (so a current cache costs no model load)."""
+    without building an encoder (so a current cache costs no model load). Every shard must
+    have its recorded size; ``verify`` also checks its SHA-256 (shard_integrity.py)."""
     manifest_path = Path(cache_dir) / MANIFEST
     if not manifest_path.is_file():
         return False
@@ -163,7 +172,7 @@ def is_current(
     return (
         {k: saved.get(k) for k in expected} == expected
         and saved.get("complete") is True
-        and all((Path(cache_dir) / f"shard_{k}.safetensors").is_file() for k in saved["shards"])
+        and all_sound(Path(cache_dir), saved, full=verify)
     )
 
 
@@ -204,6 +213,7 @@ def extract_to_cache(
     )
     manifest_path = cache_dir / MANIFEST
     shards: dict[str, int] = {}
+    records: dict[str, dict] = {}  # {key: {"bytes", "sha256"}} of each shard file
     saved_complete = False
     if manifest_path.is_file():
         try:
@@ -211,16 +221,23 @@ def extract_to_cache(
         except json.JSONDecodeError:
             saved = {}
         if {k: saved.get(k) for k in expected} == expected:
-            shards = {
-                k: v
-                for k, v in saved.get("shards", {}).items()
-                if (cache_dir / f"shard_{k}.safetensors").is_file()
-            }
-            saved_complete = saved.get("complete") is True
+            shards, records, damaged = verify_shards(cache_dir, saved, full=True)
+            for key, why in damaged.items():
+                print(
+                    f"feature cache {cache_dir}: shard {key} is damaged ({why}); "
+                    "extracting it again"
+                )
+                shard_path(cache_dir, key).unlink()
+            if damaged:  # not complete until they are back
+                atomic_write_json(
+                    manifest_path, {**expected, "shards": shards, FILES: records, "complete": False}
+                )
+            saved_complete = saved.get("complete") is True and records == saved.get(FILES)
         elif (kept := _upgrade_legacy(cache_dir, saved, expected, images_dir, names)) is not None:
             shards = kept
+            records = {key: file_record(shard_path(cache_dir, key)) for key in kept}
             atomic_write_json(
-                manifest_path, {**expected, "shards": shards, "complete": False}
+                manifest_path, {**expected, "shards": shards, FILES: records, "complete": False}
             )  # complete again below once nothing is left to do
         else:
             changed = [k for k in expected if saved.get(k) != expected[k]]
@@ -259,13 +276,18 @@ def extract_to_cache(
                 save_file(
                     {"features": features}, str(tmp), metadata={"images": json.dumps(shard_names)}
                 )
-            shards[f"{shard:05d}"] = len(shard_names)
+            key = f"{shard:05d}"
+            shards[key] = len(shard_names)
+            records[key] = file_record(shard_path(cache_dir, key))
+            complete = len(shards) == num_shards
             atomic_write_json(
-                manifest_path, {**expected, "shards": shards, "complete": len(shards) == num_shards}
+                manifest_path, {**expected, "shards": shards, FILES: records, "complete": complete}
             )
     bar.close()
     if not todo and not saved_complete:  # all shards there (or zero images): mark complete
-        atomic_write_json(manifest_path, {**expected, "shards": shards, "complete": True})
+        atomic_write_json(
+            manifest_path, {**expected, "shards": shards, FILES: records, "complete": True}
+        )
     return cache_dir
 
 

@@ -37,9 +37,12 @@ def ensure_features(
     threads: int | None = None,
     progress: bool = True,
     device: torch.device | None = None,
+    verify: bool = False,
 ) -> dict[int, Path]:
     """Extract (or resume, or rebuild when stale) the caches; return {view: cache dir}.
-    On a CUDA ``device`` the encoder runs there in PyTorch; on the CPU ``backend`` decides."""
+    On a CUDA ``device`` the encoder runs there in PyTorch; on the CPU ``backend`` decides.
+    Shards whose size differs from the manifest's record are extracted again; ``verify``
+    (`captioner features`) also hashes every shard, so a shard edited in place is found too."""
     spec = get_spec(encoder)
     extractor = None  # built only when a cache needs extracting
     dirs = {}
@@ -48,7 +51,7 @@ def ensure_features(
         augment = {"seed": augment_seed, "strength": augment_strength} if view else None
         cache_dir = cache_dir_for(feature_root(prepared), encoder, spec.image_size, view, augment)
         current = is_current(
-            cache_dir, prepared.image_source, names, spec, view=view, augment=augment
+            cache_dir, prepared.image_source, names, spec, view=view, augment=augment, verify=verify
         )
         if extractor is None and not current:
             if device is not None and device.type == "cuda":
