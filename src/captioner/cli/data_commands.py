@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from captioner.cli.common import friendly_errors
+from captioner.cli.disk_errors import disk_full_is_one_line
 from captioner.settings import BACKENDS, check_choice
 
 AUGMENT_STRENGTHS = ("light", "medium", "strong")
@@ -22,6 +23,7 @@ SHOWN_BAD = 5  # left-out rows named in prepare's summary
 
 
 @friendly_errors
+@disk_full_is_one_line("prepare")
 def prepare_cmd(
     data_dir: Path = typer.Option(..., "--data-dir", help=DATA_DIR_HELP),
     work_dir: Path = typer.Option(
@@ -107,6 +109,7 @@ def vocab_sample_cmd(
 
 
 @friendly_errors
+@disk_full_is_one_line("features")
 def features_cmd(
     work_dir: Path = typer.Option(Path("work/flickr8k"), "--work-dir", help="prepared work dir"),
     data_dir: Path | None = typer.Option(

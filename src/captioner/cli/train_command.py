@@ -7,9 +7,11 @@ import inspect
 import typer
 
 from captioner.cli.common import friendly_errors, options_from_dataclass, with_signature
+from captioner.cli.disk_errors import disk_full_is_one_line
 from captioner.training.config import ScstConfig, TrainConfig
 
 
+@disk_full_is_one_line("train")
 def _train(**kwargs) -> None:
     """Train a Show-Attend-Tell decoder on cached features; rerun the same command to resume."""
     from captioner.training.loop import train
@@ -19,6 +21,7 @@ def _train(**kwargs) -> None:
     typer.echo(f"best model: {best}")
 
 
+@disk_full_is_one_line("scst")
 def _scst(**kwargs) -> None:
     """Fine-tune a trained model with self-critical sequence training (reward: CIDEr-D, plus
     sentence BLEU with --bleu-weight); rerun the same command to resume."""
@@ -44,6 +47,7 @@ scst_cmd.__doc__ = _scst.__doc__
 
 
 @friendly_errors
+@disk_full_is_one_line("average")
 def average_cmd(
     run_dir: str = typer.Argument(..., help="a training run directory (with epochs/ and best/)"),
     out: str = typer.Option(..., "--out", help="where to save the averaged model"),
