@@ -85,10 +85,11 @@ def test_streams_recursively_in_order_in_chunks(photos, tmp_path):
     out = tmp_path / "out" / "captions.jsonl"
     fake, stats = run_jsonl(photos, out)
     records = read_jsonl(out)
-    names = [r["image"].removeprefix(str(photos) + "/") for r in records]
+    names = [r["path"].removeprefix(str(photos) + "/") for r in records]
     assert names == ["a.png", "b.png", "e.png", "sub/c.png", "sub/deeper/d.png"]
-    assert all(r["caption"] == f"red {red_of(r['image'])}" for r in records)  # image <-> caption
-    assert records[0]["score"] == -0.5 and records[0]["concepts"] == [["x", 0.5]]
+    assert all(r["caption"] == f"red {red_of(r['path'])}" for r in records)  # image <-> caption
+    assert records[0]["score"] == -0.5
+    assert records[0]["concepts"] == [{"word": "x", "probability": 0.5}]
     assert fake.calls == [2, 2, 1]
     assert fake.encode_threads == {"overlap-stage"}  # encoded beside the beam search
     assert (stats.captioned, stats.failed, stats.skipped) == (5, 0, 0)
@@ -102,7 +103,7 @@ def test_rerun_resumes_skipping_images_already_written(photos, tmp_path):
     fake, stats = run_jsonl(photos, out)
     assert fake.calls == [2]  # only the two new images
     assert (stats.captioned, stats.skipped) == (2, 5)
-    keys = [r["image"] for r in read_jsonl(out)]
+    keys = [r["path"] for r in read_jsonl(out)]
     assert len(keys) == len(set(keys)) == 7
 
 
@@ -125,7 +126,7 @@ def test_kill_mid_chunk_recovers_with_every_image_exactly_once(photos, tmp_path,
     assert (stats.captioned, stats.skipped, fake.calls) == (3, 2, [2, 1])
     if fmt == "jsonl":
         records = read_jsonl(out)  # every line parses: the torn one is gone
-        keys = [r["image"] for r in records]
+        keys = [r["path"] for r in records]
     else:
         records = list(csv.DictReader(io.StringIO(out.read_text())))
         keys = [r["path"] for r in records]
@@ -206,7 +207,7 @@ def test_tar_shards_are_streamed(tmp_path):
     assert plan([str(shard)], sink).total == 2
     caption_bulk(FakeCaptioner(), [str(shard)], sink)
     sink.close()
-    assert [(r["image"], r["caption"]) for r in read_jsonl(out)] == [
+    assert [(r["path"], r["caption"]) for r in read_jsonl(out)] == [
         (f"{shard}/0001.png", "red 7"),
         (f"{shard}/0002.png", "red 8"),
     ]
@@ -261,7 +262,7 @@ def test_cli_jsonl_output_resumes_and_refuses_bad_combinations(tiny_model_dir, p
     first = run_cli("caption", photos, "-m", tiny_model_dir, "-f", "jsonl", "-o", out)
     assert first.exit_code == 0, first.output
     records = read_jsonl(out)
-    assert len(records) == 5 and all({"image", "caption", "score"} <= set(r) for r in records)
+    assert len(records) == 5 and all({"path", "caption", "score"} <= set(r) for r in records)
     assert "wrote 5 captions" in first.stderr
 
     again = run_cli("caption", photos, "-m", tiny_model_dir, "-f", "jsonl", "-o", out)

@@ -98,7 +98,7 @@ def test_two_actors_caption_every_image_once_then_resume(cluster, tiny_model_dir
     assert run.exit_code == 1, run.output  # the broken photo: reported, the rest written
     assert "broken.jpg" in run.stderr and f"wrote {N_GOOD} captions" in run.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    keys = sorted(r["image"] for r in records)
+    keys = sorted(r["path"] for r in records)
     assert keys == sorted(str(p) for p in photos.rglob("*.png"))  # each once, absolute
     assert all(r["caption"] for r in records)
 

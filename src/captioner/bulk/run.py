@@ -6,7 +6,9 @@ decodes the rest into a bounded queue, so JPEG decoding overlaps the model and a
 encoder call, :mod:`captioner.overlap`) while the main thread beam-searches this one and hands
 it to the sink (bulk.writers), which makes it durable before the next: JPEG decoding, the
 encoder and the decoder all overlap, so both cores stay busy.
-Unreadable images are reported and counted, never stopping the run.
+Unreadable images are reported and counted, never stopping the run, whatever the decoder
+raises (a truncated GIF made Pillow raise IndexError): one bad file must not make a run that
+can never finish.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from captioner.bulk.inputs import Source, iter_sources, unique
+from captioner.bulk.inputs import Source, display_key, iter_sources, unique
 from captioner.bulk.writers import Sink
 from captioner.data.images import load_image
 from captioner.errors import CaptionerError, ConfigError, ImageLoadError
@@ -78,12 +80,17 @@ def _decoder(sink: Sink) -> Callable[[Source], _Decoded]:
     unreadable one with its error, the rest as RGB arrays."""
 
     def decode(source: Source) -> _Decoded:
+        if source.error is not None:
+            return _Decoded(source, error=source.error)
         if sink.is_done(source):
             return _Decoded(source)
+        name = display_key(source.key)
         try:
-            return _Decoded(source, image=load_image(source.load(), name=source.key))
+            return _Decoded(source, image=load_image(source.load(), name=name))
         except ImageLoadError as exc:
             return _Decoded(source, error=str(exc))
+        except Exception as exc:  # noqa: BLE001 - a decoder bug on one file must not end the run
+            return _Decoded(source, error=f"{name}: cannot decode this image ({exc!r})")
 
     return decode
 

@@ -10,15 +10,18 @@ from pathlib import Path
 
 import typer
 
-from captioner.cli.common import EXIT_USER_ERROR, MODEL_HELP, friendly_errors
+from captioner.cli.common import EXIT_USER_ERROR, MODEL_HELP, check_writable, friendly_errors
 from captioner.cli.inference_options import (
     BACKEND_HELP,
     DEVICE_HELP,
+    GROUNDING_OPTION,
+    LENGTH_PENALTY_OPTION,
     NO_REPEAT_HELP,
     PRECISION_HELP,
     check_device,
     echo_error,
 )
+from captioner.errors import DataError
 from captioner.features.quantize import DEFAULT_PRECISION, PRECISIONS
 from captioner.settings import BACKENDS, check_choice
 
@@ -26,15 +29,11 @@ FORMATS = ("text", "json", "csv", "jsonl", "txt")
 PROGRESS_MIN_IMAGES = 8  # show a progress bar from this many images on
 
 FORMAT_HELP = (
-    "text (path<TAB>caption per line), json (one array, written at the end), csv or jsonl "
-    "(one record per image, appended per chunk and resumed with --output), or txt (a sidecar "
-    "photo.txt beside each photo.jpg, resumed)"
+    "text (path<TAB>caption per line, '  [out of domain]' after a caption the model warns "
+    "about), json (one array, written at the end), csv or jsonl (one record per image, "
+    "appended per chunk and resumed with --output), or txt (a sidecar photo.txt beside each "
+    "photo.jpg, photo.jpg.txt when photo.png is there too; resumed)"
 )
-
-
-def _legacy(record: dict) -> dict:
-    """A bulk record in the text / JSON layout (the image key is called ``path``)."""
-    return {"path": record["image"], **{k: v for k, v in record.items() if k != "image"}}
 
 
 def _choose_sink(fmt: str, output: Path | None, overwrite: bool):
@@ -64,6 +63,8 @@ def caption_cmd(
     ),
     max_length: int = typer.Option(20, min=1, max=100, help="most words per caption"),
     no_repeat_ngram: int | None = typer.Option(None, min=0, max=10, help=NO_REPEAT_HELP),
+    length_penalty: float | None = LENGTH_PENALTY_OPTION,
+    grounding: bool = GROUNDING_OPTION,
     fmt: str = typer.Option("text", "--format", "-f", help=FORMAT_HELP),
     output: Path | None = typer.Option(
         None,
@@ -95,10 +96,13 @@ def caption_cmd(
     bounded. Unreadable files are reported on stderr and skipped (exit code 1)."""
     from captioner.api import Captioner
     from captioner.bulk import caption_bulk, plan
-    from captioner.bulk.writers import AppendFile, Collect
+    from captioner.bulk.writers import AppendFile, Collect, text_line
     from captioner.io import atomic_write_text
 
     if ray is not None:
+        if length_penalty is not None or not grounding:
+            echo_error("--length-penalty and --no-grounding are not available with --ray yet")
+            raise typer.Exit(EXIT_USER_ERROR)
         settings = {"model": model, "beam_size": beam_size, "max_length": max_length}
         settings.update(no_repeat_ngram_size=no_repeat_ngram, backend=backend)
         _caption_on_ray(
@@ -129,6 +133,8 @@ def caption_cmd(
     if not inputs and files_from is None:
         echo_error("nothing to caption: give image paths, folders, globs or --files-from")
         raise typer.Exit(EXIT_USER_ERROR)
+    if output is not None:  # before any decoding, not after it
+        check_writable(output, "--output")
     sink = _choose_sink(fmt, output, overwrite)
     try:
         work = plan(inputs or [], sink, [files_from] if files_from else [])
@@ -156,20 +162,25 @@ def caption_cmd(
                 beam_size=beam_size,
                 max_length=max_length,
                 no_repeat_ngram_size=no_repeat_ngram,
+                length_penalty=length_penalty,
+                grounding=grounding,
             )
     finally:
         sink.close()
     captioned = stats.captioned if stats else 0
     if isinstance(sink, Collect):
-        rows = [_legacy(r) for r in sink.records]
+        rows = sink.records
         if fmt == "json":
             text = json.dumps(rows, indent=2, ensure_ascii=False) + "\n"
         else:
-            text = "".join(f"{r['path']}\t{r['caption']}\n" for r in rows)
+            text = "".join(text_line(r) for r in rows)
         if output is None:
             typer.echo(text, nl=False)
         else:
-            atomic_write_text(output, text)
+            try:
+                atomic_write_text(output, text)
+            except OSError as exc:
+                raise DataError(f"{output}: cannot write ({exc.strerror or exc})") from exc
     skipped = work.total - work.todo
     if output is not None or fmt == "txt":
         where = "sidecar .txt files" if fmt == "txt" else str(output)

@@ -13,17 +13,20 @@ from pathlib import Path
 import typer
 
 from captioner.cli.caption_command import caption_cmd
-from captioner.cli.common import MODEL_HELP, friendly_errors
+from captioner.cli.common import MODEL_HELP, check_writable, friendly_errors
 from captioner.cli.export_command import check_parity, export_cmd, export_onnx
 from captioner.cli.inference_options import (
     BACKEND_HELP,
     DEVICE_HELP,
+    GROUNDING_OPTION,
+    LENGTH_PENALTY_OPTION,
     NO_REPEAT_HELP,
     PRECISION_HELP,
     WORK_DIR_HELP,
     check_device,
     grounding_lines,
 )
+from captioner.errors import ConfigError
 from captioner.features.quantize import DEFAULT_PRECISION, PRECISIONS
 from captioner.settings import BACKENDS, check_choice
 
@@ -45,12 +48,14 @@ def predict_cmd(
     ),
     max_length: int = typer.Option(20, min=1, max=100, help="most words per caption"),
     no_repeat_ngram: int | None = typer.Option(None, min=0, max=10, help=NO_REPEAT_HELP),
+    length_penalty: float | None = LENGTH_PENALTY_OPTION,
     out: Path = typer.Option(
-        Path("predict.png"), "--out", "-o", help="attention figure (PNG) to write"
+        Path("predict.png"), "--out", "-o", help="attention figure to write (a .png file)"
     ),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
     precision: str = typer.Option(DEFAULT_PRECISION, help=PRECISION_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    grounding: bool = GROUNDING_OPTION,
 ) -> None:
     """Caption one image, print it with the human references, draw the per-word attention.
 
@@ -63,13 +68,21 @@ def predict_cmd(
     check_choice("--backend", backend, BACKENDS)
     check_choice("--precision", precision, PRECISIONS)
     target = check_device(device)
+    check_writable(out, "--out")
+    if out.suffix.lower() != ".png":  # the figure is PNG: x.pdf would hold PNG bytes
+        raise ConfigError(f"--out {out}: the figure is written as PNG, so give a .png file name")
     path, references = _predict_image(image, work_dir, split, seed)
     rgb = load_image(path)
     captioner = Captioner.from_pretrained(
         model, backend=backend, precision=precision, device=target
     )
     result = captioner.caption(
-        rgb, beam_size=beam_size, max_length=max_length, no_repeat_ngram_size=no_repeat_ngram
+        rgb,
+        beam_size=beam_size,
+        max_length=max_length,
+        no_repeat_ngram_size=no_repeat_ngram,
+        length_penalty=length_penalty,
+        grounding=grounding,
     )[0]
     typer.echo(f"image:      {path}")
     typer.echo(f"caption:    {result.caption}   (score {result.score:.3f})")
@@ -130,15 +143,13 @@ def evaluate_cmd(
     ),
     max_length: int = typer.Option(20, min=1, max=100, help="most words per caption"),
     no_repeat_ngram: int | None = typer.Option(None, min=0, max=10, help=NO_REPEAT_HELP),
-    length_penalty: float | None = typer.Option(
-        None,
-        min=0.0,
-        max=10.0,
-        help="beam score = log-prob / length ** this (0 = none); default: the model's",
-    ),
+    length_penalty: float | None = LENGTH_PENALTY_OPTION,
     batch_size: int = typer.Option(50, min=1, max=1024, help="images per decoding batch"),
     out_dir: Path | None = typer.Option(
-        None, "--out-dir", help="where the report and results go; default runs/eval/<model>"
+        None,
+        "--out-dir",
+        help="where the report and results go; default runs/eval/<model> "
+        "(<run>-best for a trained run's best/)",
     ),
     no_java: bool = typer.Option(
         False, "--no-java", help="Python tokenizer, no METEOR (fast, no Java needed)"
@@ -152,11 +163,7 @@ def evaluate_cmd(
         "(fp32 for now: int8 is over the quality bar for the bundled model)",
     ),
     device: str = typer.Option("auto", help=DEVICE_HELP),
-    grounding: bool = typer.Option(
-        True,
-        "--grounding/--no-grounding",
-        help="decode a grounded model with its concept bias (--no-grounding: without, to compare)",
-    ),
+    grounding: bool = GROUNDING_OPTION,
 ) -> None:
     """Decode a whole split, print BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (0-100), save a report."""
     from captioner.evaluation.evaluate import evaluate

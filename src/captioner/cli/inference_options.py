@@ -14,6 +14,21 @@ PRECISION_HELP = (
 )
 
 
+# declared once, used by caption, predict and evaluate, so the three spell them alike
+LENGTH_PENALTY_OPTION = typer.Option(
+    None,
+    "--length-penalty",
+    min=0.0,
+    max=10.0,
+    help="beam score = log-prob / length ** this (0 = none); default: the model's",
+)
+GROUNDING_OPTION = typer.Option(
+    True,
+    "--grounding/--no-grounding",
+    help="decode a grounded model with its concept bias (--no-grounding: without, to compare)",
+)
+
+
 def check_device(device: str) -> str:
     """--device checked before anything is read or written: a missing GPU is one clear line
     (ConfigError, exit code 2). Returns the name for ``Captioner``."""

@@ -11,6 +11,8 @@ Image names are ``<shard path relative to the data folder>/<member name>``
 Shards must be uncompressed ``.tar`` (what img2dataset writes): a compressed member cannot be
 read in place. A sample without an image or a caption, a corrupt image or an unreadable
 member or shard is counted in ``CaptionSet.bad`` and left out; it never stops the run.
+A member over ``MAX_MEMBER_BYTES`` is left out by its header's size before a byte of it is
+read: a sparse 1.5 GB member of a 30 KB tar would otherwise be expanded in memory.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ import hashlib
 import json
 import tarfile
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from pathlib import Path
-
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from typing import IO
 
 from captioner.data.caption_set import CaptionSet
 from captioner.data.image_source import image_problem
@@ -30,6 +32,9 @@ from captioner.io import atomic_write_json, read_json
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SHARD_INDEX = "shards.json"  # in the work dir: shard paths and member offsets
+# the largest member read from a shard: an uncompressed 64 MP RGBA image (the decoder's pixel
+# limit) is 256 MB; anything larger cannot be an image we would decode
+MAX_MEMBER_BYTES = 300_000_000
 
 
 def find_shards(data_dir: Path) -> list[Path]:
@@ -71,8 +76,31 @@ def _caption_of(sample: dict) -> list[str]:
     return [t.strip() for t in texts if isinstance(t, str) and t.strip()]
 
 
+def _tar_files(
+    stream: IO[bytes], url: str, too_large: Callable[[str], None], handler: Callable
+) -> Iterator[dict]:
+    """webdataset's tar_file_expander for one shard, with a size check before each member is
+    read (``too_large(name)`` for those left out); ends with its end-of-shard marker ``{}``."""
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as archive:
+            for member in archive:
+                if not member.isreg() or member.name.startswith("__"):
+                    continue
+                if member.size > MAX_MEMBER_BYTES:
+                    too_large(member.name)
+                    continue
+                handle = archive.extractfile(member)
+                yield {"fname": member.name, "data": handle.read(), "__url__": url}
+                archive.members = []  # a streamed shard keeps no member list
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        handler(exc)
+    yield {}
+
+
 def read_shards(shards: list[Path], root: Path) -> tuple[CaptionSet, dict]:
     """Captions of every good sample, and the index a ShardSource reads images with."""
+    from webdataset.tariterators import group_by_keys
+
     root = Path(root)
     result = CaptionSet(OrderedDict(), source=str(root))
     index: dict = {"shards": [], "members": {}}
@@ -89,8 +117,11 @@ def read_shards(shards: list[Path], root: Path) -> tuple[CaptionSet, dict]:
             result.note_bad("corrupt member", where)
             return True  # go on with the next member (or shard)
 
+        def too_large(member: str, where: str = shard_name) -> None:
+            result.note_bad(f"over {MAX_MEMBER_BYTES // 1_000_000} MB", f"{where}/{member}")
+
         with open(shard, "rb") as stream:
-            files = tar_file_expander([{"url": shard_name, "stream": stream}], handler=count)
+            files = _tar_files(stream, shard_name, too_large, count)
             for sample in group_by_keys(files, handler=count):
                 _add_sample(result, index, sample, shard_name, shard_id, offsets)
     return result, index

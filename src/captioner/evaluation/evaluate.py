@@ -15,6 +15,7 @@ Two files are written atomically into ``out_dir``:
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,8 +34,30 @@ DEFAULT_EVAL_ROOT = Path("runs/eval")
 
 
 def default_out_dir(model: str | os.PathLike | None) -> Path:
-    """runs/eval/<model directory name> (the bundled model: runs/eval/flickr8k)."""
-    return DEFAULT_EVAL_ROOT / resolve_model_path(model).resolve().name
+    """runs/eval/<model directory name> (the bundled model: runs/eval/flickr8k); a training
+    run's ``best/`` is runs/eval/<run>-best, so the best models of two runs never share one."""
+    path = resolve_model_path(model).resolve()
+    name = f"{path.parent.name}-{path.name}" if path.name == "best" else path.name
+    return DEFAULT_EVAL_ROOT / name
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse an ``out_dir`` that cannot be written now, before the decoding, not after it
+    (when every caption would be lost): a file in its place or on its way, or a folder this
+    user cannot write (a test file is made there and removed). Nothing stays created."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"{out_dir}: a file is in the way of the output folder")
+    place = out_dir
+    while not place.exists() and place != place.parent:
+        place = place.parent  # made when the report is written
+    if not place.is_dir():
+        raise DataError(f"{out_dir}: {place} is a file, so the output folder cannot be made")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=place)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise DataError(f"{out_dir}: cannot write the report in {place} ({exc.strerror})") from exc
 
 
 def report_paths(
@@ -106,7 +129,8 @@ def evaluate(
     ``model`` is a saved model directory, None for the bundled model, or a loaded Captioner.
     ``limit`` > 0 evaluates only the first ``limit`` images of the split (a quick check).
     ``use_java`` is passed to :func:`score_captions` (None: Java if available). ``out_dir``
-    defaults to ``runs/eval/<model directory name>`` (``runs/eval/captioner`` for a Captioner).
+    defaults to ``runs/eval/<model directory name>`` (``<run>-best`` for a training run's
+    ``best/``, ``runs/eval/captioner`` for a Captioner); it is checked writable before decoding.
     ``grounding=False`` decodes a grounded model without its concept bias (an ablation).
     ``precision`` is the encoder's and ``device`` where encoder and decoder run ("cpu", "cuda"
     or "auto", see :class:`Captioner`); a loaded Captioner brings its own.
@@ -124,10 +148,12 @@ def evaluate(
     if isinstance(model, Captioner):
         captioner, model_name = model, "captioner"
         out_dir = Path(out_dir) if out_dir is not None else DEFAULT_EVAL_ROOT / "captioner"
+        check_out_dir(out_dir)
     else:
         model_path = resolve_model_path(model)
         model_name = str(model_path)
         out_dir = Path(out_dir) if out_dir is not None else default_out_dir(model_path)
+        check_out_dir(out_dir)
         if precision == "int8":
             _ensure_int8_encoder(model_path, work_dir)
         captioner = Captioner.from_pretrained(
@@ -220,7 +246,10 @@ def evaluate(
         "results_file": str(results_path),
     }
     results = [{"image_id": n, "caption": predictions[n]} for n in names]
-    atomic_write_json(results_path, results)
-    atomic_write_json(report_path, report)
+    try:
+        atomic_write_json(results_path, results)
+        atomic_write_json(report_path, report)
+    except OSError as exc:  # disk full since the check: one line, not a traceback
+        raise DataError(f"{out_dir}: cannot write the report ({exc.strerror or exc})") from exc
     report["report_file"] = str(report_path)
     return report
