@@ -356,3 +356,12 @@ def test_text_marks_out_of_domain_and_records_use_path_and_rest_concepts(tmp_pat
     assert record["path"].endswith("b.png") and "image" not in record
     assert record["concepts"] == [{"word": "dog", "probability": 0.75}]
     assert record["out_of_domain"] is True
+
+
+def test_a_listed_name_too_long_for_the_system_is_reported_not_a_traceback(tmp_path):
+    png(tmp_path / "a.png", 1)
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{tmp_path / 'a.png'}\n{tmp_path / ('x' * 5000)}.png\n")
+    for sink in (Sidecars(), Collect()):
+        stats, reported = run_to(sink, [], files_from=[listing])
+        assert (stats.captioned, stats.failed) == (1, 1) and len(reported) == 1

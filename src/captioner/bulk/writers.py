@@ -274,7 +274,13 @@ class Sidecars:
         return path.with_suffix(".txt")
 
     def is_done(self, source: Source) -> bool:
-        return not self.overwrite and self.sidecar(source).exists()
+        if self.overwrite:
+            return False
+        target = self.sidecar(source)
+        try:
+            return os.path.exists(target)  # False for a name the system refuses (too long)
+        except ValueError:
+            return False
 
     def write(self, chunk: list[tuple[Source, CaptionResult]]) -> None:
         for source, result in chunk:

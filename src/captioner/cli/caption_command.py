@@ -218,6 +218,7 @@ def _caption_on_ray(
     if not inputs and files_from is None:
         echo_error("nothing to caption: give image paths, folders, globs or --files-from")
         raise typer.Exit(EXIT_USER_ERROR)
+    check_writable(output, "--output")  # before the cluster starts
     stats = caption_dataset(
         inputs or [],
         output,
