@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass
@@ -173,3 +174,21 @@ def check_choice(label: str, value: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ConfigError(f"{label} must be one of {join_choices(choices)}, not {value!r}")
     return value
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def cap_threads(requested: int, flag: str = "--threads", log=print) -> int:
+    """``requested`` threads (0 = all cores), at most the cores there are: more threads than
+    cores only contend (999 of them ran 250x slower), so the excess is dropped with a note."""
+    cores = available_cores()
+    if requested > cores:
+        log(f"note: {flag} {requested} is more than the {cores} CPU cores here: using {cores}")
+        return cores
+    return requested

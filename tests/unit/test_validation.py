@@ -180,7 +180,12 @@ def _edit_decoder(path, **changes):
 
 @pytest.mark.parametrize(
     "value, match",
-    [("abc", "hidden_dim must be an integer, not 'abc'"), (16.5, "not 16.5"), (0, "at least 1")],
+    [
+        ("abc", "hidden_dim must be an integer, not 'abc'"),
+        (16.5, "not 16.5"),
+        (0, "from 1 to 16384"),
+        (10**9, "hidden_dim must be from 1 to 16384, not 1000000000"),  # not a 1 TB allocation
+    ],
 )
 def test_model_config_with_bad_hidden_dim(model_copy, picture, value, match):
     _edit_decoder(model_copy, hidden_dim=value)

@@ -9,7 +9,7 @@ import typer
 
 from captioner.cli.common import friendly_errors
 from captioner.cli.disk_errors import disk_full_is_one_line
-from captioner.settings import BACKENDS, check_choice
+from captioner.settings import BACKENDS, cap_threads, check_choice
 
 AUGMENT_STRENGTHS = ("light", "medium", "strong")
 
@@ -20,6 +20,10 @@ DATA_DIR_HELP = (
     "with a sidecar NAME.txt of captions"
 )
 SHOWN_BAD = 5  # left-out rows named in prepare's summary
+
+
+def _note(message: str) -> None:
+    typer.echo(message, err=True)
 
 
 @friendly_errors
@@ -50,15 +54,34 @@ def prepare_cmd(
     images_dir: Path | None = typer.Option(
         None, "--images-dir", help="the images folder (default: found in --data-dir)"
     ),
+    max_images: int = typer.Option(
+        0,
+        "--max-images",
+        min=0,
+        help="use a seeded subset of this many captioned images (0 = all): a quick first run "
+        "on a large dataset",
+    ),
 ) -> None:
     """Read captions, split by image (saved), build the vocabulary (saved)."""
     from captioner.data.prepare import PrepareSettings, prepare
 
     settings = PrepareSettings(
-        num_words or None, min_count, test_size, val_size, seed, official_split
+        num_words or None,
+        min_count,
+        test_size,
+        val_size,
+        seed,
+        official_split,
+        max_images=max_images or None,
     )
     data = prepare(
-        data_dir, work_dir, settings, caption_file=caption_file, images_dir=images_dir, force=force
+        data_dir,
+        work_dir,
+        settings,
+        caption_file=caption_file,
+        images_dir=images_dir,
+        force=force,
+        log=typer.echo,
     )
     s = data.splits
     typer.echo(
@@ -146,7 +169,7 @@ def features_cmd(
         augment_strength=augment_strength,
         augment_seed=seed,
         batch_size=batch_size,
-        threads=threads or None,
+        threads=cap_threads(threads, log=_note) or None,
         device=target,
         verify=True,  # hash every shard: a damaged one is extracted again
     )

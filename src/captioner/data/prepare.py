@@ -14,6 +14,9 @@ empty captions, malformed rows) are counted in ``PreparedData.bad`` and reported
 
 from __future__ import annotations
 
+import random
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,7 +24,7 @@ from captioner.data.captions import CaptionSet, read_captions
 from captioner.data.image_source import FolderSource, ImageSource
 from captioner.data.layouts import IMAGE_DIR_CANDIDATES, detect, find_images_dir, read_layout
 from captioner.data.splits import Splits, make_splits
-from captioner.data.vocab import Vocabulary
+from captioner.data.vocab import SPECIAL_TOKENS, Vocabulary, tokenize
 from captioner.data.webdataset_source import ShardSource
 from captioner.errors import DataError
 from captioner.io import atomic_write_json, read_json
@@ -37,6 +40,15 @@ class PrepareSettings:
     val_size: float = 0.1
     seed: int = 0
     use_official_split: bool = True
+    max_images: int | None = None  # a seeded subset of this many images (None: all of them)
+
+    def to_json(self) -> dict:
+        """As saved in dataset.json; max_images only when set, so work dirs prepared before it
+        existed still match."""
+        saved = asdict(self)
+        if saved["max_images"] is None:
+            del saved["max_images"]
+        return saved
 
 
 @dataclass
@@ -92,8 +104,11 @@ def prepare(
     caption_file: str | Path | None = None,
     images_dir: str | Path | None = None,
     force: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> PreparedData:
-    """Read, split and build the vocabulary; refuse to mix with a different earlier run."""
+    """Read, split and build the vocabulary; refuse to mix with a different earlier run. A
+    work dir already prepared with the same settings is loaded, silently; ``log`` hears when
+    preparing actually starts."""
     data_dir, work_dir = Path(data_dir), Path(work_dir)
     if not data_dir.is_dir():
         raise DataError(f"data directory not found: {data_dir}")
@@ -102,7 +117,7 @@ def prepare(
         Path(caption_file) if caption_file else None,
         Path(images_dir) if images_dir else None,
     )
-    info = {**layout.info(), "settings": asdict(settings)}
+    info = {**layout.info(), "settings": settings.to_json()}
     info_path = work_dir / "dataset.json"
     if info_path.is_file() and not force:
         saved = read_json(info_path)
@@ -118,6 +133,8 @@ def prepare(
             f"(saved: { {k: saved.get(k) for k in changed} }); use another --work-dir, or --force "
             "to redo it (features and models made from the old one must then be rebuilt)"
         )
+    if log is not None:
+        log(f"preparing {data_dir} into {work_dir}")
     caption_set, source = read_layout(layout, read_captions)
     images = layout.images_dir
     info["images_dir"] = str(images)  # a manifest's image root is chosen while reading
@@ -142,7 +159,9 @@ def prepare(
                 f"({_bad_summary(caption_set.bad) or 'nothing found'})"
             )
     bad, bad_examples = dict(caption_set.bad), list(caption_set.bad_examples)
-    caption_set = CaptionSet(kept, caption_set.splits, caption_set.source)
+    kept = _subset(kept, settings, log)
+    listed = {name: [i for i in ids if i in kept] for name, ids in caption_set.splits.items()}
+    caption_set = CaptionSet(kept, listed, caption_set.source)
     splits = make_splits(
         caption_set,
         data_dir,
@@ -151,8 +170,14 @@ def prepare(
         seed=settings.seed,
         use_official=settings.use_official_split,
     )
-    train_captions = (c for name in splits.train for c in kept[name])
+    check_usable(splits, settings)
+    train_captions = [c for name in splits.train for c in kept[name]]
     vocab = Vocabulary.build(train_captions, settings.num_words, settings.min_count)
+    if len(vocab) == len(SPECIAL_TOKENS):
+        raise DataError(
+            f"no word of the training captions is seen {settings.min_count} times or more "
+            f"(the most frequent, {most_frequent(train_captions)}): lower --min-count"
+        )
     work_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(work_dir / "captions.json", kept)
     atomic_write_json(work_dir / "splits.json", splits.to_json())
@@ -171,3 +196,47 @@ _REPORT_KEYS = {"bad", "bad_examples"}  # dataset.json keys that describe a run,
 
 def _bad_summary(bad: dict[str, int]) -> str:
     return ", ".join(f"{count} {reason}" for reason, count in sorted(bad.items()))
+
+
+def _subset(
+    kept: dict[str, list[str]], settings: PrepareSettings, log: Callable[[str], None] | None
+) -> dict[str, list[str]]:
+    """--max-images: a seeded sample of the captioned images (the same seed, the same subset),
+    in their file order; the split is then made within it."""
+    limit = settings.max_images
+    if not limit or len(kept) <= limit:
+        return kept
+    order = sorted(kept)
+    random.Random(settings.seed).shuffle(order)
+    chosen = set(order[:limit])
+    if log is not None:
+        log(f"using {limit:,} of the {len(kept):,} captioned images (--max-images)")
+    return {name: caps for name, caps in kept.items() if name in chosen}
+
+
+def check_usable(splits: Splits, settings: PrepareSettings) -> None:
+    """Refuse a split that training cannot use: no training images, or a random split whose
+    share rounds to zero images for dev (which validation needs) or test."""
+    total = len(splits.train) + len(splits.val) + len(splits.test)
+    if not splits.train:
+        raise DataError(f"the split leaves no training images (of {total}): add images")
+    if splits.settings.method != "random":
+        return
+    for split, name, share, flag in (
+        ("val", "dev", settings.val_size, "--val-size"),
+        ("test", "test", settings.test_size, "--test-size"),
+    ):
+        if share > 0 and not splits[split]:
+            raise DataError(
+                f"{flag} {share} of {total} images rounds to no {name} images: use at least "
+                f"{int(0.5 / share) + 1} images or a larger {flag}"
+            )
+
+
+def most_frequent(captions: list[str]) -> str:
+    """'"a", seen 12 times': the best a --min-count could keep."""
+    counts = Counter(w for c in captions for w in tokenize(c))
+    if not counts:
+        return "none: the captions have no words"
+    word, count = counts.most_common(1)[0]
+    return f'"{word}", seen {count} times'

@@ -9,6 +9,7 @@ from typing import TypeVar
 
 from captioner.devices import DEVICES, PRECISIONS
 from captioner.errors import ConfigError
+from captioner.model.config import MAX_DIM
 from captioner.settings import BACKENDS, check_settings, settings_from_json
 from captioner.settings import setting as _f
 
@@ -65,6 +66,12 @@ class TrainConfig(_Settings):
     num_words: int = _f(5000, "vocabulary: keep at most this many words (0 = no limit)", ge=0)
     min_count: int = _f(5, "vocabulary: drop words seen fewer times in training captions", ge=1)
     max_caption_length: int = _f(30, "training captions are cut to this many words", ge=1)
+    max_images: int = _f(
+        0,
+        "when preparing --data-dir: a seeded subset of this many images (0 = all), for a quick "
+        "first run",
+        ge=0,
+    )
     # features
     encoder: str = _f(
         "efficientnet-lite0", "image encoder (efficientnet-lite0/1/2, or efficientnet-lite2-224)"
@@ -78,10 +85,10 @@ class TrainConfig(_Settings):
     cell: str = _f(
         "gru", "recurrent cell: gru (original project) or lstm (Show-Attend-Tell)", choices=CELLS
     )
-    embed_dim: int = _f(512, "word embedding size", ge=1)
-    hidden_dim: int = _f(512, "recurrent state size", ge=1)
-    attention_dim: int = _f(512, "attention space size", ge=1)
-    context_dim: int = _f(512, "image features are projected to this size", ge=1)
+    embed_dim: int = _f(512, "word embedding size", ge=1, le=MAX_DIM)
+    hidden_dim: int = _f(512, "recurrent state size", ge=1, le=MAX_DIM)
+    attention_dim: int = _f(512, "attention space size", ge=1, le=MAX_DIM)
+    context_dim: int = _f(512, "image features are projected to this size", ge=1, le=MAX_DIM)
     dropout: float = _f(0.3, "dropout on embeddings, features and the output layer", ge=0, lt=1)
     # optimisation
     epochs: int = _f(6, "passes over the training captions", ge=1)

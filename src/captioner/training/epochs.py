@@ -151,3 +151,20 @@ def new_progress() -> dict:
         "train_sum": 0.0,
         "train_count": 0,
     }
+
+
+class EpochLines:
+    """Progress inside an epoch where no bar shows (stderr is a log file or a pipe): a line at
+    each tenth of the epoch, so a long epoch is not minutes of silence. Silent beside a bar."""
+
+    PARTS = 10
+
+    def __init__(self, desc: str, total: int, bar_shown: bool, log=print):
+        self.desc, self.total, self.log = desc, total, log
+        self.every = 0 if bar_shown else max(1, -(-total // self.PARTS))  # ceil: <= 9 lines
+
+    def batch_done(self, b: int, what: str) -> None:
+        """After batch ``b`` (0-based): a line when it ends a tenth (not the last batch: the
+        epoch's own summary follows it)."""
+        if self.every and (b + 1) % self.every == 0 and b + 1 < self.total:
+            self.log(f"{self.desc}: batch {b + 1}/{self.total}, {what}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import random
 import time
 from pathlib import Path
@@ -19,11 +18,12 @@ from captioner.io import atomic_write_json, read_json
 from captioner.model.config import DecoderConfig
 from captioner.model.decoder import ShowAttendTellDecoder, masked_caption_loss
 from captioner.progress import progress_bar as tqdm  # no bars when stderr is not a TTY
+from captioner.settings import cap_threads
 from captioner.training.batching import CaptionSamples, build_samples, image_batches
 from captioner.training.checkpoint import resume_latest, save_checkpoint, start_over
 from captioner.training.config import TrainConfig, _Settings
 from captioner.training.distributed import DistContext, broadcast_flag, init_distributed, shutdown
-from captioner.training.epochs import EpochRecorder, new_progress
+from captioner.training.epochs import EpochLines, EpochRecorder, new_progress
 from captioner.training.feature_store import TrainingFeatures
 from captioner.training.guards import check_finite_loss
 from captioner.training.run_identity import (
@@ -32,20 +32,7 @@ from captioner.training.run_identity import (
     record_vocabulary,
     saved_epochs,
 )
-
-
-def cosine_decay(lr: float, min_lr: float, progress: float) -> float:
-    """lr at progress 0, min_lr at progress 1 (and beyond), half a cosine in between."""
-    progress = min(1.0, progress)
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def get_lr(step: int, total_steps: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay from lr to min_lr (a pure function of the step)."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-    return cosine_decay(cfg.lr, cfg.min_lr, progress)
+from captioner.training.schedule import get_lr, warmup_steps
 
 
 def train_step(
@@ -97,8 +84,7 @@ def prepare_data(
         return PreparedData.load(work)
     if data_dir is None:
         raise DataError(f"{work} is not prepared yet: pass --data-dir with the raw dataset")
-    log(f"preparing {data_dir} into {work}")
-    return prepare(data_dir, work, settings or PrepareSettings())
+    return prepare(data_dir, work, settings or PrepareSettings(), log=log)
 
 
 def _as_spelled_now(saved: dict, cfg: _Settings) -> dict:
@@ -170,7 +156,7 @@ def train(cfg: TrainConfig, restart: bool = False, log=print) -> Path:
 def _train(cfg: TrainConfig, ctx: DistContext, restart: bool, log) -> Path:
     run_dir = Path(cfg.run_dir)
     if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+        torch.set_num_threads(cap_threads(cfg.threads, log=log))
     # data + features: rank 0 builds them, the others wait and then read them
     feature_settings = dict(
         backend=cfg.backend,
@@ -182,7 +168,11 @@ def _train(cfg: TrainConfig, ctx: DistContext, restart: bool, log) -> Path:
     )
     previous_epochs = None  # --epochs of the run being resumed (main rank)
     if ctx.is_main:
-        prepare_settings = PrepareSettings(num_words=cfg.num_words or None, min_count=cfg.min_count)
+        prepare_settings = PrepareSettings(
+            num_words=cfg.num_words or None,
+            min_count=cfg.min_count,
+            max_images=cfg.max_images or None,
+        )
         prepared = prepare_data(cfg.work_dir, cfg.data_dir, prepare_settings, log)
         features = load_training_features(prepared, cfg.encoder, **feature_settings)
         check_vocabulary(run_dir, prepared.vocab, cfg.work_dir, restart)
@@ -228,6 +218,12 @@ def _train(cfg: TrainConfig, ctx: DistContext, restart: bool, log) -> Path:
     total_steps = batches_per_epoch * cfg.epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
+    warmup = warmup_steps(cfg.warmup_steps, total_steps)
+    if warmup < cfg.warmup_steps:
+        log(
+            f"warm-up: {warmup} steps (--warmup-steps {cfg.warmup_steps} is capped at a fifth "
+            f"of this run's {total_steps} steps)"
+        )
 
     state = new_progress()
     ckpt_root = run_dir / "checkpoints"
@@ -295,6 +291,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, restart: bool, log) -> Path:
         )
         if state["batch"] == 0:
             state["train_sum"], state["train_count"] = 0.0, 0
+        # a few lines instead where no bar shows (a log file, a pipe); other ranks stay quiet
+        lines = EpochLines(
+            f"epoch {epoch + 1}/{cfg.epochs}", len(batches), not bar.disable or not ctx.is_main, log
+        )
         seen, t0 = 0, time.perf_counter()
         reading = contextlib.closing(features.prefetch(view_choice, batches, state["batch"]))
         with reading as loader:
@@ -326,6 +326,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, restart: bool, log) -> Path:
                     loss=f"{state['train_sum'] / state['train_count']:.3f}",
                     caps_s=f"{seen * ctx.world_size / max(elapsed, 1e-9):.0f}",
                 )
+                lines.batch_done(b, f"loss {state['train_sum'] / state['train_count']:.3f}")
                 if cfg.max_steps and state["step"] >= cfg.max_steps:
                     break
                 if state["step"] % cfg.checkpoint_every == 0 and b + 1 < len(batches):

@@ -27,19 +27,16 @@ from captioner.errors import ConfigError
 from captioner.model.captioning_model import CaptioningModel
 from captioner.model.decoder import ShowAttendTellDecoder
 from captioner.progress import progress_bar as tqdm  # no bars when stderr is not a TTY
+from captioner.settings import cap_threads
 from captioner.training.batching import CaptionSamples, build_samples, image_batches
 from captioner.training.caption_reward import CaptionReward
 from captioner.training.checkpoint import resume_latest, save_checkpoint, start_over
 from captioner.training.config import ScstConfig
-from captioner.training.epochs import EpochRecorder, new_progress
+from captioner.training.epochs import EpochLines, EpochRecorder, new_progress
 from captioner.training.guards import check_finite_loss
-from captioner.training.loop import (
-    cosine_decay,
-    load_training_features,
-    prepare_data,
-    save_settings,
-)
+from captioner.training.loop import load_training_features, prepare_data, save_settings
 from captioner.training.run_identity import note_extension, saved_epochs
+from captioner.training.schedule import cosine_decay
 
 
 @dataclass
@@ -161,7 +158,7 @@ def scst_step(
     rewards = torch.tensor(scores, device=device).view(-1, cfg.samples_per_image)  # (I, K)
     loss = self_critical_loss(sampled.log_prob_sums, sampled.num_tokens, rewards)
     if guard is not None:
-        guard(float(loss))
+        guard(float(loss.detach()))
     optimizer.zero_grad(set_to_none=True)
     scaled = scaler is not None and scaler.is_enabled()
     (scaler.scale(loss) if scaled else loss).backward()
@@ -181,7 +178,7 @@ def train_scst(cfg: ScstConfig, restart: bool = False, log=print) -> Path:
     """Fine-tune ``cfg.init_model`` with SCST (or resume it); return the best model's directory."""
     run_dir = Path(cfg.run_dir)
     if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+        torch.set_num_threads(cap_threads(cfg.threads, log=log))
     device = resolve_device(cfg.device)
     amp_dtype = resolve_precision(cfg.precision, device)
     scaler = grad_scaler(device, amp_dtype)
@@ -265,6 +262,8 @@ def train_scst(cfg: ScstConfig, restart: bool = False, log=print) -> Path:
         )
         if state["batch"] == 0:
             state["train_sum"], state["train_count"] = 0.0, 0
+        # a few lines instead where no bar shows (a log file, a pipe)
+        lines = EpochLines(f"scst {epoch + 1}/{cfg.epochs}", len(batches), not bar.disable, log)
         t0 = time.perf_counter()
         reading = contextlib.closing(features.prefetch(view_choice, batches, state["batch"]))
         with reading as loader:
@@ -303,6 +302,7 @@ def train_scst(cfg: ScstConfig, restart: bool = False, log=print) -> Path:
                 bar.update(1)
                 mean = state["train_sum"] / state["train_count"]
                 bar.set_postfix(reward=f"{mean:.3f}", length=f"{length:.1f}")
+                lines.batch_done(b, f"reward {mean:.3f}")
                 if cfg.max_steps and state["step"] >= cfg.max_steps:
                     break
                 if state["step"] % cfg.checkpoint_every == 0 and b + 1 < len(batches):
