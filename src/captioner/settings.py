@@ -14,6 +14,7 @@ import os
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from captioner.errors import ConfigError
@@ -192,3 +193,15 @@ def cap_threads(requested: int, flag: str = "--threads", log=print) -> int:
         log(f"note: {flag} {requested} is more than the {cores} CPU cores here: using {cores}")
         return cores
     return requested
+
+
+def check_folder_option(path: str | os.PathLike[str], flag: str) -> None:
+    """A folder the command will create or write into: refuse, before any work, a path that is
+    (or lies under) an existing file, which would otherwise fail only at the first write."""
+    given = Path(path)
+    for candidate in (given, *given.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                what = "is a file" if candidate == given else f"lies under the file {candidate}"
+                raise ConfigError(f"{flag} {given} {what}, not a folder: give a folder")
+            return

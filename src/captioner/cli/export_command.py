@@ -8,7 +8,7 @@ import typer
 
 from captioner.cli.common import MODEL_HELP, friendly_errors
 from captioner.features.quantize import DEFAULT_CALIBRATION_IMAGES
-from captioner.settings import check_choice
+from captioner.settings import check_choice, check_folder_option
 
 # of int8 and fp32 grids on the calibration photos: 300 Flickr8k ones give 0.985, a dozen
 # synthetic ones 0.94; a broken quantisation is far below
@@ -60,6 +60,7 @@ def export_cmd(
     from captioner.errors import ConfigError
     from captioner.model.captioning_model import CaptioningModel
 
+    check_folder_option(out_dir, "--out-dir")
     if not tolerance > 0:
         raise ConfigError(f"--tolerance must be greater than 0, not {tolerance!r}")
     check_choice("--precision", precision, ("fp32", "int8"))

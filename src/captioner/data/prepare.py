@@ -28,6 +28,7 @@ from captioner.data.vocab import SPECIAL_TOKENS, Vocabulary, tokenize
 from captioner.data.webdataset_source import ShardSource
 from captioner.errors import DataError
 from captioner.io import atomic_write_json, read_json
+from captioner.settings import check_folder_option
 
 __all__ = ["IMAGE_DIR_CANDIDATES", "PrepareSettings", "PreparedData", "find_images_dir", "prepare"]
 
@@ -110,6 +111,7 @@ def prepare(
     work dir already prepared with the same settings is loaded, silently; ``log`` hears when
     preparing actually starts."""
     data_dir, work_dir = Path(data_dir), Path(work_dir)
+    check_folder_option(work_dir, "--work-dir")
     if not data_dir.is_dir():
         raise DataError(f"data directory not found: {data_dir}")
     layout = detect(

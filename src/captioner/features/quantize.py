@@ -132,7 +132,7 @@ def calibration_from_dir(
         listing = Path(names_file)
         if not listing.is_file():
             raise DataError(f"calibration list not found: {listing}")
-        wanted = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+        wanted = _read_name_list(listing)
         missing = [n for n in wanted if not (root / n).is_file()]
         if missing:
             raise DataError(
@@ -148,6 +148,20 @@ def calibration_from_dir(
     names = _evenly(names, limit)
     blobs = [(root / n).read_bytes() for n in names]
     return CalibrationSet(list(blobs), names, _digest(names, blobs), str(root))
+
+
+def _read_name_list(listing: Path) -> list[str]:
+    """The image names of a text list, one a line; a binary or non-UTF-8 file is a DataError."""
+    data = listing.read_bytes()
+    try:
+        if b"\0" in data:
+            raise UnicodeError("it holds NUL bytes")
+        text = data.decode("utf-8")
+    except UnicodeError as exc:
+        raise DataError(
+            f"calibration list {listing} is not a UTF-8 text list of image names ({exc})"
+        ) from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def calibration_from_prepared(
@@ -269,7 +283,16 @@ def default_int8_encoder(encoder: str) -> Path | None:
     pointer = default_pointer(encoder)
     if not pointer.is_file():
         return None
-    path = pointer.with_name(str(read_json(pointer).get("file", "")))
+    try:
+        name = read_json(pointer)["file"]
+        if not isinstance(name, str) or not name or Path(name).name != name:
+            raise ValueError(f"'file' must be a file name, not {name!r}")
+    except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
+        raise ConfigError(
+            f"the int8 encoder pointer {pointer} is damaged ({exc}): delete it and run "
+            "`captioner export --precision int8 --calibration-dir DIR` again"
+        ) from None
+    path = pointer.with_name(name)
     return path if path.is_file() and path.suffix == ".onnx" else None
 
 

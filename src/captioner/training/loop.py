@@ -18,7 +18,7 @@ from captioner.io import atomic_write_json, read_json
 from captioner.model.config import DecoderConfig
 from captioner.model.decoder import ShowAttendTellDecoder, masked_caption_loss
 from captioner.progress import progress_bar as tqdm  # no bars when stderr is not a TTY
-from captioner.settings import cap_threads
+from captioner.settings import cap_threads, check_folder_option
 from captioner.training.batching import CaptionSamples, build_samples, image_batches
 from captioner.training.checkpoint import resume_latest, save_checkpoint, start_over
 from captioner.training.config import TrainConfig, _Settings
@@ -154,6 +154,8 @@ def train(cfg: TrainConfig, restart: bool = False, log=print) -> Path:
 
 
 def _train(cfg: TrainConfig, ctx: DistContext, restart: bool, log) -> Path:
+    check_folder_option(cfg.work_dir, "--work-dir")
+    check_folder_option(cfg.run_dir, "--run-dir")
     run_dir = Path(cfg.run_dir)
     if cfg.threads:
         torch.set_num_threads(cap_threads(cfg.threads, log=log))

@@ -27,7 +27,7 @@ from captioner.errors import ConfigError
 from captioner.model.captioning_model import CaptioningModel
 from captioner.model.decoder import ShowAttendTellDecoder
 from captioner.progress import progress_bar as tqdm  # no bars when stderr is not a TTY
-from captioner.settings import cap_threads
+from captioner.settings import cap_threads, check_folder_option
 from captioner.training.batching import CaptionSamples, build_samples, image_batches
 from captioner.training.caption_reward import CaptionReward
 from captioner.training.checkpoint import resume_latest, save_checkpoint, start_over
@@ -176,6 +176,8 @@ def scst_step(
 
 def train_scst(cfg: ScstConfig, restart: bool = False, log=print) -> Path:
     """Fine-tune ``cfg.init_model`` with SCST (or resume it); return the best model's directory."""
+    check_folder_option(cfg.work_dir, "--work-dir")
+    check_folder_option(cfg.run_dir, "--run-dir")
     run_dir = Path(cfg.run_dir)
     if cfg.threads:
         torch.set_num_threads(cap_threads(cfg.threads, log=log))
