@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 PHOTOS_JSON = REPO / "bench" / "ood" / "photos.json"
 HELDOUT_JSON = REPO / "bench" / "ood" / "photos_heldout.json"
 HELDOUT2_JSON = REPO / "bench" / "ood" / "photos_heldout2.json"
+FOURTH_JSON = REPO / "bench" / "ood" / "photos_fourth.json"
 
 
 def _bench_ood():
@@ -151,6 +152,36 @@ def test_second_heldout_photos_json_schema_and_nothing_shared_with_the_other_set
         # new packages only: a package already in a set could ship the same photo twice
         packages = {p["package"].lower().replace("_", "-") for p in used}
         assert not {p["package"].lower().replace("_", "-") for p in heldout2} & packages
+
+
+def _package_key(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def test_fourth_photos_json_schema_nothing_shared_and_pinned_in_the_ood_extra():
+    import tomllib
+
+    fourth = _check_set_schema(FOURTH_JSON)
+    assert len(fourth) >= 32
+    # about a third show a person or a dog, and at least 12 show neither
+    assert 3 * sum(p["has_person"] or p["has_dog"] for p in fourth) <= len(fourth)
+    assert sum(not p["has_person"] and not p["has_dog"] for p in fourth) >= 12
+    assert all(p["licence"].strip() for p in fourth)
+    for other_json in (PHOTOS_JSON, HELDOUT_JSON, HELDOUT2_JSON):
+        used = json.loads(other_json.read_text(encoding="utf-8"))["photos"]
+        assert not {p["path"] for p in fourth} & {p["path"] for p in used}, other_json
+        assert not {p["id"] for p in fourth} & {p["id"] for p in used}, other_json
+        # new packages only: a package already in a set could ship the same photo twice
+        packages = {_package_key(p["package"]) for p in used}
+        assert not {_package_key(p["package"]) for p in fourth} & packages, other_json
+    # every package is pinned, at the labelled version, in the `ood` extra
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    pins = {}
+    for requirement in extra["project"]["optional-dependencies"]["ood"]:
+        name, _, version = requirement.partition("==")
+        pins[_package_key(name)] = version
+    for photo in fourth:
+        assert pins.get(_package_key(photo["package"])) == photo["version"], photo["id"]
 
 
 # --- bench_ood.py without the optional packages --------------------------------------------
