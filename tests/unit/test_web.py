@@ -146,12 +146,20 @@ def test_openapi_documents_the_upload(client):
     schema = op["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert schema["properties"]["image"]["format"] == "binary"
     params = {p["name"]: p["schema"] for p in op["parameters"]}
-    assert params["beam_size"]["minimum"] == 1 and params["beam_size"]["maximum"] == 10
-    assert params["max_length"]["maximum"] == 50
+    # the CLI's and the Python API's ranges (issue 22: REST capped the beam at 10, the CLI at 20)
+    assert params["beam_size"]["minimum"] == 1 and params["beam_size"]["maximum"] == 20
+    assert params["max_length"]["maximum"] == 100
     assert "/healthz" in spec["paths"]
     assert "503" in spec["paths"]["/healthz"]["get"]["responses"]
     assert "408" in op["responses"] and "413" in op["responses"]
-    assert client.get("/docs").status_code == 200
+
+
+def test_no_docs_page_that_loads_a_cdn(client):
+    """Issue 22: /docs loaded an unpinned swagger-ui from a CDN; the description stays."""
+    for path in ("/docs", "/redoc", "/docs/oauth2-redirect"):
+        assert client.get(path).status_code == 404, path
+    assert client.get("/openapi.json").status_code == 200
+    assert "/docs" not in client.get("/").text
 
 
 def test_not_loaded_before_startup():
@@ -207,7 +215,14 @@ def test_options_are_forwarded(client):
 
 
 @pytest.mark.parametrize(
-    "fmt,ctype", [("JPEG", "image/jpeg"), ("PNG", "image/png"), ("WEBP", "image/webp")]
+    "fmt,ctype",
+    [
+        ("JPEG", "image/jpeg"),
+        ("PNG", "image/png"),
+        ("WEBP", "image/webp"),
+        ("TIFF", "image/tiff"),  # issue 22: the CLI took TIFF and BMP, REST answered 415
+        ("BMP", "image/bmp"),
+    ],
 )
 def test_formats(client, fmt, ctype):
     r = client.post(URL, files=files(encode("blue", (40, 30), fmt), f"x.{fmt.lower()}", ctype))
@@ -237,10 +252,10 @@ def test_big_images_are_shrunk_before_captioning():
     "params",
     [
         {"beam_size": 0},
-        {"beam_size": 11},
+        {"beam_size": 21},
         {"beam_size": "three"},
         {"max_length": 0},
-        {"max_length": 51},
+        {"max_length": 101},
         {"attention": "maybe"},
     ],
 )
@@ -276,14 +291,14 @@ def test_empty_file(client):
         (b"hello, this is not a picture\n", "notes.txt", "text"),
         (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n", "doc.pdf", "PDF"),
         (bytes(range(256)) * 4, "random.bin", "not an image"),
-        (b"BM" + b"\x00" * 60, "old.bmp", "BMP"),
+        (b"\x00\x00\x01\x00" + b"\x00" * 60, "fav.ico", "ICO"),
     ],
 )
 def test_unsupported_content(client, data, name, expect):
     r = client.post(URL, files=files(data, name, "application/octet-stream"))
     assert r.status_code == 415
     detail = r.json()["detail"]
-    assert expect in detail and name in detail and "JPEG, PNG, WebP or GIF" in detail
+    assert expect in detail and name in detail and "JPEG, PNG, WebP, GIF, TIFF or BMP" in detail
 
 
 def test_image_magic_but_garbage_gets_image_load_error_message(client):

@@ -30,6 +30,7 @@ def serve(
     backend: str = "auto",
     log_level: str = "info",
     upload_timeout_s: float = 60,
+    header_timeout_s: float = 10,
     precision: str = DEFAULT_PRECISION,
     device: str = "auto",
 ) -> None:
@@ -45,6 +46,7 @@ def serve(
     import uvicorn
 
     from captioner.web.app import ServeSettings, create_app
+    from captioner.web.server import uvicorn_config
 
     settings = ServeSettings(
         max_upload_mb=max_upload_mb,
@@ -54,6 +56,7 @@ def serve(
         workers=workers,
         decode_threads=decode_threads,
         upload_timeout_s=upload_timeout_s,
+        header_timeout_s=header_timeout_s,
     )
     check_precision(precision)
     resolve_device(device)  # before the port and the model: a missing GPU is one clear error
@@ -70,14 +73,12 @@ def serve(
             "serving on %s: reachable from other machines; the service has no authentication",
             host,
         )
-    config = uvicorn.Config(
+    config = uvicorn_config(
         app,
+        header_timeout_s=settings.header_timeout_s,
         host=host,
         port=port,
         log_level=log_level,
-        lifespan="on",
-        server_header=False,
-        timeout_keep_alive=5,
         timeout_graceful_shutdown=10,
     )
     server = uvicorn.Server(config)
@@ -138,7 +139,8 @@ def register(app: typer.Typer) -> None:
         "serve",
         help=(
             "Serve the captioning web page and JSON API (POST /v1/captions, GET /healthz, "
-            "OpenAPI docs at /docs). Listens on 127.0.0.1 unless --host says otherwise."
+            "OpenAPI description at /openapi.json). Listens on 127.0.0.1 unless --host says "
+            "otherwise."
         ),
     )
     @friendly_errors
@@ -180,6 +182,12 @@ def register(app: typer.Typer) -> None:
         upload_timeout: float = typer.Option(
             60.0, min=0.1, max=3600, help="Seconds an upload may take to arrive (slower: 408)."
         ),
+        header_timeout: float = typer.Option(
+            10.0,
+            min=0.1,
+            max=600,
+            help="Seconds a request's headers may take to arrive (slower: connection closed).",
+        ),
         precision: str = typer.Option(
             DEFAULT_PRECISION,
             help="Encoder: fp32, int8 (made by `captioner export --precision int8`) or auto "
@@ -204,6 +212,7 @@ def register(app: typer.Typer) -> None:
             backend=backend,
             log_level=log_level,
             upload_timeout_s=upload_timeout,
+            header_timeout_s=header_timeout,
             precision=precision,
             device=device,
         )

@@ -14,6 +14,9 @@ import time
 import uvicorn
 from fastapi import FastAPI
 
+from captioner.web.server import uvicorn_config
+from captioner.web.settings import ServeSettings
+
 
 class BackgroundServer:
     """``with BackgroundServer(app) as server: ... server.url ...``"""
@@ -34,7 +37,10 @@ class BackgroundServer:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level=log_level, lifespan="on", backlog=backlog)
+        settings = getattr(app.state, "settings", None) or ServeSettings()
+        config = uvicorn_config(
+            app, header_timeout_s=settings.header_timeout_s, log_level=log_level, backlog=backlog
+        )
         self.server = uvicorn.Server(config)
         self.exit_code: int | str | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)

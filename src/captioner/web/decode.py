@@ -1,12 +1,15 @@
 """Uploaded bytes -> a decoded RGB image: magic-byte sniffing first, so that only the formats we
-accept ever reach Pillow, then :func:`captioner.data.images.load_image` and a shrink."""
+accept ever reach Pillow (the ones the CLI takes: JPEG, PNG, WebP, GIF, TIFF, BMP), then the
+project's one loader in two steps: :func:`probe_upload` reads the header (the limits, and how
+many pixels the decode will cost, for :mod:`captioner.web.decoding` to count before it decodes)
+and :func:`decode_probed` decodes, reduced to the side the model needs."""
 
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from captioner.data.images import load_image
+from captioner.data.images import decode_image, decoded_pixels, open_image
 from captioner.errors import ImageLoadError
 from captioner.web.upload import UploadError
 
@@ -14,19 +17,20 @@ _SIGNATURES = {
     "JPEG": (b"\xff\xd8\xff",),
     "PNG": (b"\x89PNG\r\n\x1a\n",),
     "GIF": (b"GIF87a", b"GIF89a"),
+    "TIFF": (b"II*\x00", b"MM\x00*"),
+    "BMP": (b"BM",),
 }
 _KNOWN_OTHERS = {
     b"%PDF": "a PDF document",
     b"PK\x03\x04": "a ZIP archive (or an Office document)",
-    b"BM": "a BMP image",
-    b"II*\x00": "a TIFF image",
-    b"MM\x00*": "a TIFF image",
     b"\x00\x00\x01\x00": "an ICO icon",
     b"<svg": "an SVG drawing",
     b"<?xml": "an XML/SVG document",
     b"%!PS": "a PostScript document",
 }
-ALLOWED = "JPEG, PNG, WebP or GIF"
+ALLOWED = "JPEG, PNG, WebP, GIF, TIFF or BMP"
+# Pillow holds a decoded RGB(A) picture in 4 bytes a pixel: what a decode costs in memory.
+DECODED_BYTES_PER_PIXEL = 4
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -52,11 +56,12 @@ def _describe(data: bytes) -> str:
         return "not an image"
 
 
-def decode_upload(data: bytes, filename: str = "upload", max_side: int = 1024) -> np.ndarray:
-    """Uploaded bytes -> RGB uint8 (H, W, 3), at most ``max_side`` on the long edge.
+def probe_upload(data: bytes, filename: str = "upload", max_side: int = 512) -> Image.Image:
+    """Check the format and the header, without decoding: the opened image, whose size is what
+    :func:`decode_probed` will decode (a JPEG is set to decode at reduced scale).
 
-    Raises UploadError: 415 for anything that isn't JPEG/PNG/WebP/GIF, 422 for an image that
-    cannot be decoded (truncated, corrupt, too many pixels).
+    Raises UploadError: 415 for anything that isn't one of the accepted formats, 422 for an
+    image over the limits or whose header cannot be read.
     """
     fmt = sniff_format(data)
     if fmt is None:
@@ -64,13 +69,32 @@ def decode_upload(data: bytes, filename: str = "upload", max_side: int = 1024) -
             415, f"{filename}: unsupported file type ({_describe(data)}); send a {ALLOWED} image"
         )
     try:
-        image = load_image(data, name=filename)
+        return open_image(data, filename, max_side)
     except ImageLoadError as exc:
         status = 415 if isinstance(exc.__cause__, UnidentifiedImageError) else 422
         raise UploadError(status, str(exc)) from None
-    height, width = image.shape[:2]
-    if max(height, width) > max_side:
-        scale = max_side / max(height, width)
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        image = np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC), dtype=np.uint8)
-    return image
+
+
+def decode_cost(image: Image.Image) -> int:
+    """Bytes of memory that decoding this opened image takes (before it is shrunk)."""
+    return decoded_pixels(image) * DECODED_BYTES_PER_PIXEL
+
+
+def decode_probed(image: Image.Image, filename: str = "upload", max_side: int = 512) -> np.ndarray:
+    """An image from :func:`probe_upload` -> RGB uint8 (H, W, 3), at most ``max_side`` on the
+    long edge. Any decoding failure is UploadError 422."""
+    try:
+        return decode_image(image, filename, max_side)
+    except ImageLoadError as exc:
+        raise UploadError(422, str(exc)) from None
+    finally:
+        image.close()
+
+
+def decode_upload(data: bytes, filename: str = "upload", max_side: int = 512) -> np.ndarray:
+    """Uploaded bytes -> RGB uint8 (H, W, 3), at most ``max_side`` on the long edge.
+
+    Raises UploadError: 415 for anything that isn't JPEG/PNG/WebP/GIF/TIFF/BMP, 422 for an image
+    that cannot be decoded (truncated, corrupt, too many pixels).
+    """
+    return decode_probed(probe_upload(data, filename, max_side), filename, max_side)

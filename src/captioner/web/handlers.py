@@ -37,10 +37,37 @@ def install_error_handlers(app: FastAPI) -> None:
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
 
-    @app.exception_handler(Exception)
-    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return JSONResponse({"detail": "internal server error"}, status_code=500)
+
+class CatchAll:
+    """Plain ASGI middleware: an unexpected exception becomes a JSON 500 *and stays here*.
+
+    An ``exception_handler(Exception)`` answers too, but Starlette then re-raises, and uvicorn
+    closes the connection, so a client's next request on that keep-alive connection fails.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Any) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            log.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
+            if started:  # half a response went out: nothing sane is left to send
+                raise
+            response = JSONResponse({"detail": "internal server error"}, status_code=500)
+            await response(scope, receive, send)
 
 
 def _plain(errors: Any) -> list[dict[str, Any]]:

@@ -2,13 +2,15 @@
 
 A caption request is handled in this order, so that a slow or bad client never holds anything
 that good requests need: read the body (bounded in time by ``upload_timeout_s`` -> 408, and in
-bytes by the upload budget -> 503), decode it on the decode pool, and only then take a place in
-the batcher's queue (full -> 503) and wait for the model (``request_timeout_s`` -> 503).
+bytes by the upload budget -> 503), decode it in the bounded decode queue (full, or its decoded
+pixels over the memory budget -> 503; see :mod:`captioner.web.decoding`), and only then take a
+place in the batcher's queue (full -> 503) and wait for the model (``request_timeout_s`` -> 503).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from typing import Any
 
@@ -16,8 +18,11 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from captioner.errors import CaptionerError
+from captioner.model.config import GenerationConfig
+from captioner.settings import bounds_of
 from captioner.web.batching import BatcherClosedError, MicroBatcher, QueueFullError
-from captioner.web.decode import decode_upload
+from captioner.web.decode import ALLOWED
+from captioner.web.decoding import DecodeQueue
 from captioner.web.handlers import error_response
 from captioner.web.schemas import CaptionResponse, ErrorResponse, HealthResponse, to_response
 from captioner.web.settings import ServeSettings, service_version
@@ -27,15 +32,20 @@ log = logging.getLogger("captioner.web")
 
 router = APIRouter()
 
+# The same ranges as the CLI and the Python API: the model's generation settings declare them.
+_GENERATION_FIELDS = {f.name: f for f in dataclasses.fields(GenerationConfig)}
+MAX_BEAM_SIZE = int(bounds_of(_GENERATION_FIELDS["beam_size"]).le)
+MAX_LENGTH = int(bounds_of(_GENERATION_FIELDS["max_length"]).le)
+
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in {
         400: "Malformed request body",
         408: "The upload did not arrive within the server's upload timeout",
         413: "Upload larger than the server's limit",
-        415: "Not an image, or not JPEG/PNG/WebP/GIF",
+        415: f"Not an image, or not {ALLOWED}",
         422: "Missing image field, bad options, or an image that cannot be decoded",
-        503: "Server busy (queue or upload memory full), starting or shutting down",
+        503: "Server busy (queue, decode queue or memory full), starting or shutting down",
     }.items()
 }
 
@@ -51,7 +61,7 @@ _UPLOAD_BODY = {
                         UPLOAD_FIELD: {
                             "type": "string",
                             "format": "binary",
-                            "description": "JPEG, PNG, WebP or GIF (first frame).",
+                            "description": f"{ALLOWED} (the first frame or page).",
                         }
                     },
                 }
@@ -61,26 +71,33 @@ _UPLOAD_BODY = {
 }
 
 
+@router.head("/healthz", include_in_schema=False)
 @router.get(
     "/healthz",
     response_model=HealthResponse,
     tags=["service"],
-    responses={503: {"model": HealthResponse, "description": "Starting, or the queue is full"}},
+    responses={503: {"model": HealthResponse, "description": "Starting, or a queue is full"}},
 )
 async def healthz(request: Request, response: Response) -> HealthResponse:
     """Readiness for a load balancer: HTTP 200 only when a caption request would be taken now.
 
     HTTP 503 (same body, ``Retry-After: 1``) while the model loads (``status: "starting"``)
-    and while the batcher's queue is full (``status: "busy"``), so that a balancer sends
-    traffic elsewhere until it drains. ``queue_depth`` / ``max_queue`` show how close it is.
+    and while the batcher's queue or the decode queue is full (``status: "busy"``), so that a
+    balancer sends traffic elsewhere until it drains. ``queue_depth`` / ``max_queue`` and
+    ``decode_backlog`` / ``max_decode_queue`` show how close it is, ``memory_in_use_bytes``
+    how much of the memory budget uploads and decodes hold.
     """
     state = request.app.state
     settings: ServeSettings = state.settings
     batcher: MicroBatcher | None = state.batcher
+    decoder: DecodeQueue | None = state.decoder
     uploads: UploadBudget = state.uploads
-    loaded = state.captioner is not None and batcher is not None
+    loaded = state.captioner is not None and batcher is not None and decoder is not None
     depth = batcher.stats().waiting if batcher is not None else 0
-    status = "starting" if not loaded else "busy" if depth >= settings.max_queue else "ok"
+    decoding = decoder.stats() if decoder is not None else None
+    backlog = decoding.backlog if decoding is not None else 0
+    full = depth >= settings.max_queue or backlog >= settings.max_decode_queue
+    status = "starting" if not loaded else "busy" if full else "ok"
     if status != "ok":
         response.status_code = 503
         response.headers["Retry-After"] = "1"
@@ -92,6 +109,11 @@ async def healthz(request: Request, response: Response) -> HealthResponse:
         queue_depth=depth,
         max_queue=settings.max_queue,
         uploads_in_progress=uploads.in_progress,
+        decode_backlog=backlog,
+        max_decode_queue=settings.max_decode_queue,
+        large_decodes=decoding.heavy if decoding is not None else 0,
+        memory_in_use_bytes=uploads.bytes_in_use,
+        memory_capacity_bytes=uploads.capacity_bytes,
     )
 
 
@@ -104,15 +126,18 @@ async def healthz(request: Request, response: Response) -> HealthResponse:
 )
 async def create_caption(
     request: Request,
-    beam_size: int = Query(3, ge=1, le=10, description="Beam width (1 = greedy)."),
-    max_length: int = Query(20, ge=1, le=50, description="Most words in a caption."),
+    beam_size: int = Query(
+        3, ge=1, le=MAX_BEAM_SIZE, description="Beam width (1 = greedy), as in the CLI."
+    ),
+    max_length: int = Query(20, ge=1, le=MAX_LENGTH, description="Most words in a caption."),
     attention: bool = Query(False, description="Also return per-word attention grids."),
 ) -> CaptionResponse | JSONResponse:
     """Caption one uploaded image (multipart field ``image``)."""
     state = request.app.state
     settings: ServeSettings = state.settings
     batcher: MicroBatcher | None = state.batcher
-    if batcher is None or state.captioner is None:
+    decoder: DecodeQueue | None = state.decoder
+    if batcher is None or decoder is None or state.captioner is None:
         raise HTTPException(503, "the model is not loaded yet, try again shortly")
     uploads: UploadBudget = state.uploads
     with uploads.track() as handle:  # the body's bytes are given back when this block ends
@@ -121,11 +146,6 @@ async def create_caption(
                 read_upload(request, settings.max_upload_bytes, handle),
                 timeout=settings.upload_timeout_s,
             )
-            loop = asyncio.get_running_loop()
-            image = await loop.run_in_executor(
-                state.decode_pool, decode_upload, data, filename, settings.max_image_side
-            )  # (H, W, 3) uint8
-            del data
         except asyncio.TimeoutError:
             return error_response(
                 408,
@@ -134,8 +154,15 @@ async def create_caption(
                 headers={"Connection": "close"},  # the rest of the body is not wanted
             )
         except UploadError as exc:
-            headers = {"Retry-After": "1"} if exc.status == 503 else None
-            return error_response(exc.status, exc.message, headers=headers)
+            return _upload_error(exc)
+        try:
+            image = await decoder.decode(data, filename, settings.max_image_side)
+        except UploadError as exc:
+            return _upload_error(exc)
+        except Exception as exc:  # a decoder failure is the image's fault: never a 500
+            log.warning("decoding %r failed: %s: %s", filename, type(exc).__name__, exc)
+            return error_response(422, f"{filename}: corrupt or unreadable image")
+        del data
     try:
         ticket = batcher.admit()  # only decoded images wait here: a full queue answers at once
     except (QueueFullError, BatcherClosedError) as exc:
@@ -163,3 +190,8 @@ async def create_caption(
     finally:
         batcher.release(ticket)
     return to_response(result, attention)
+
+
+def _upload_error(exc: UploadError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if exc.status == 503 else None
+    return error_response(exc.status, exc.message, headers=headers)

@@ -57,8 +57,8 @@ class HealthResponse(BaseModel):
     status: Literal["ok", "starting", "busy"] = Field(
         description=(
             '"ok" (HTTP 200): ready for a caption request. "starting" (HTTP 503): the model is '
-            'still loading. "busy" (HTTP 503): the queue is full, a caption request now would '
-            "get 503 too."
+            'still loading. "busy" (HTTP 503): the queue or the decode queue is full, a caption '
+            "request now would get 503 too."
         )
     )
     model_loaded: bool
@@ -71,6 +71,17 @@ class HealthResponse(BaseModel):
     uploads_in_progress: int = Field(
         default=0, description="Requests whose body is being received or decoded."
     )
+    decode_backlog: int = Field(
+        default=0, description="Uploads decoding or waiting to decode (at most max_decode_queue)."
+    )
+    max_decode_queue: int = Field(default=0, description="Decode backlog beyond which: 503.")
+    large_decodes: int = Field(
+        default=0, description="Of the decode backlog, images over 4 MP (decoded one at a time)."
+    )
+    memory_in_use_bytes: int = Field(
+        default=0, description="Upload bytes and decoded pixels held by requests in progress."
+    )
+    memory_capacity_bytes: int = Field(default=0, description="Beyond this, requests get 503.")
 
 
 class ErrorResponse(BaseModel):

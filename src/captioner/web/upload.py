@@ -30,10 +30,12 @@ class UploadError(Exception):
 
 
 class UploadBudget:
-    """Counts uploads in progress and the body bytes they hold; refuses bytes beyond capacity.
+    """Counts uploads in progress and the memory they hold; refuses bytes beyond capacity.
 
     Lives on the event loop (no locking). A request reserves its declared Content-Length up
-    front, or its chunks as they arrive when the body is chunked.
+    front, or its chunks as they arrive when the body is chunked; the decoder then reserves the
+    decoded picture's bytes (:mod:`captioner.web.decoding`), so that a 60 KB PNG claiming 64 MP
+    counts as the 256 MB it takes to decode, not as 60 KB.
     """
 
     def __init__(self, capacity_bytes: int) -> None:
@@ -41,6 +43,23 @@ class UploadBudget:
         self.in_progress = 0
         self.bytes_in_use = 0
         self.rejected = 0
+
+    def take(self, n: int) -> bool:
+        """Hold ``n`` bytes if there is room (True), else count a rejection (False)."""
+        if self.bytes_in_use + n > self.capacity_bytes:
+            self.rejected += 1
+            return False
+        self.bytes_in_use += n
+        return True
+
+    def give_back(self, n: int) -> None:
+        self.bytes_in_use -= n
+
+    def busy_message(self) -> str:
+        return (
+            f"server busy: uploads in progress hold {_mb(self.bytes_in_use)} "
+            f"of {_mb(self.capacity_bytes)}, try again shortly"
+        )
 
     @contextlib.contextmanager
     def track(self) -> Iterator[UploadHandle]:
@@ -64,15 +83,8 @@ class UploadHandle:
 
     def reserve(self, n: int) -> None:
         """Hold ``n`` more bytes, or raise UploadError(503) when the budget has no room."""
-        budget = self.budget
-        if budget.bytes_in_use + n > budget.capacity_bytes:
-            budget.rejected += 1
-            raise UploadError(
-                503,
-                f"server busy: uploads in progress hold {_mb(budget.bytes_in_use)} "
-                f"of {_mb(budget.capacity_bytes)}, try again shortly",
-            )
-        budget.bytes_in_use += n
+        if not self.budget.take(n):
+            raise UploadError(503, self.budget.busy_message())
         self.reserved += n
 
 
