@@ -116,13 +116,23 @@ def concepts_name_subject(photo: Photo, concepts: list, top: int = CONCEPTS_CHEC
     return any(word in photo.subject_words for word, _ in concepts[:top])
 
 
-def score(photos: list[Photo], captions: list[str], concepts: list | None = None) -> dict:
-    """Per-photo judgements and the two summary counts; with each photo's ``concepts`` (a
-    grounded model's), also how often they name the subject at all."""
+def score(
+    photos: list[Photo],
+    captions: list[str],
+    concepts: list | None = None,
+    shorts: list[bool] | None = None,
+) -> dict:
+    """Per-photo judgements and the summary counts; with each photo's ``concepts`` (a
+    grounded model's), also how often they name the subject at all; with link-grammar
+    installed, the captions that are not sentences (captioner.evaluation.grammar)."""
+    from captioner.evaluation.grammar import sentence_parser
     from captioner.evaluation.hallucination import DOG_WORDS, PERSON_WORDS, mentions
 
+    parses = sentence_parser()
+    shorts = shorts or [False] * len(captions)
+
     rows = []
-    for photo, caption in zip(photos, captions):
+    for photo, caption, short in zip(photos, captions, shorts):
         rows.append(
             {
                 "id": photo.id,
@@ -132,6 +142,8 @@ def score(photos: list[Photo], captions: list[str], concepts: list | None = None
                 "names_dog": mentions(caption, DOG_WORDS),
                 "has_person": photo.has_person,
                 "has_dog": photo.has_dog,
+                "short": bool(short),
+                "parses": None if parses is None else parses(caption),
             }
         )
     neither = [r for r in rows if not r["has_person"] and not r["has_dog"]]
@@ -151,6 +163,10 @@ def score(photos: list[Photo], captions: list[str], concepts: list | None = None
         ],
         "invented_person": [sum(r["names_person"] for r in neither), len(neither)],
         "invented_dog": [sum(r["names_dog"] for r in neither), len(neither)],
+        "short_descriptions": [sum(r["short"] for r in rows), len(rows)],
+        "parse_failures": None
+        if parses is None
+        else [sum(not r["parses"] for r in rows), len(rows)],
     }
 
 
@@ -167,8 +183,11 @@ def print_report(result: dict) -> None:
             invented.append("person")
         if r["names_dog"] and not r["has_dog"]:
             invented.append("dog")
-        rows.append([r["id"], r["caption"], mark(r["subject_named"]), ", ".join(invented) or "-"])
-    print(common.markdown_table(["photo", "caption", "subject named", "invented"], rows))
+        sentence = "n/a" if r.get("parses") is None else mark(r["parses"])
+        row = [r["id"], r["caption"], mark(r["subject_named"]), ", ".join(invented) or "-"]
+        rows.append([*row, sentence])
+    header = ["photo", "caption", "subject named", "invented", "parses"]
+    print(common.markdown_table(header, rows))
     print()
     print(f"subject named: {share(*result['subject_named'])}")
     print(
@@ -176,6 +195,11 @@ def print_report(result: dict) -> None:
         f"{share(*result['invented_person_or_dog'])} "
         f"(a person: {share(*result['invented_person'])}, a dog: {share(*result['invented_dog'])})"
     )
+    if result.get("parse_failures") is not None:
+        print(f"captions link-grammar cannot parse: {share(*result['parse_failures'])}")
+    else:
+        print("captions link-grammar cannot parse: n/a (apt-get install python3-link-grammar)")
+    print(f"short descriptions (out of domain): {share(*result['short_descriptions'])}")
     if "concepts_name_subject" in result:
         print(
             f"photos whose top {CONCEPTS_CHECKED} concepts name the subject: "
@@ -214,7 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     except CaptionerError as exc:
         sys.exit(f"error: {exc}")
     concepts = [list(getattr(r, "concepts", None) or []) for r in results]
-    result = score(photos, [r.caption for r in results], concepts)
+    shorts = [bool(getattr(r, "short", False)) for r in results]
+    result = score(photos, [r.caption for r in results], concepts, shorts)
     result["settings"] = {
         "model": args.model or "bundled",
         "beam_size": args.beam_size,

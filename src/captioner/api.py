@@ -25,6 +25,7 @@ from captioner.features.onnx import FeatureExtractor
 from captioner.features.quantize import DEFAULT_PRECISION, check_precision, decoder_precision
 from captioner.grounding.domain import pooled
 from captioner.grounding.grounder import Grounder, word_groups
+from captioner.grounding.second_look import SecondLook
 from captioner.model.captioning_model import CaptioningModel
 
 DEFAULT_MODEL = "flickr8k"
@@ -43,6 +44,22 @@ class CaptionResult:
     # share of held-out training photos at least as unusual (None: the model has no grounding)
     in_domain: float | None = None
     out_of_domain: bool = False  # in_domain below the model's threshold: may well be wrong
+    # the caption is a short description ("a cat"): out of domain, the evidence supports no
+    # full sentence (the decoder's sentence is then the first of ``alternatives``)
+    short: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """The result as plain JSON types, in the field names every output uses."""
+        return {
+            "caption": self.caption,
+            "tokens": list(self.tokens),
+            "score": self.score,
+            "short": self.short,
+            "concepts": [{"word": w, "probability": round(float(p), 4)} for w, p in self.concepts],
+            "in_domain": self.in_domain,
+            "out_of_domain": self.out_of_domain,
+            "alternatives": [{"caption": c, "score": s} for c, s in self.alternatives],
+        }
 
 
 def bundled_model_dir(name: str = DEFAULT_MODEL) -> Path:
@@ -110,6 +127,8 @@ class Captioner:
         self.grounder = grounder  # concepts, in-domain score and word bias (None: plain model)
         self._bias_groups = word_groups(self.vocab.itos)  # (V,) "cat" and "cats" share a bonus
         self._concept_head = None  # torch head for grids that come without logits (cache)
+        self._threads = threads
+        self._second_look: tuple[Grounder, SecondLook] | None = None
         if self.device.type != "cpu":
             self._on_gpu(backend, precision)
             return
@@ -237,9 +256,9 @@ class Captioner:
         images = list(images)
         if not images:
             return []
-        features, logits = self.encode_batch(images)
+        encoded = self.encode_for_caption(images)
         return self.caption_features(
-            features,
+            encoded["features"],
             beam_size,
             max_length,
             return_attention,
@@ -248,15 +267,43 @@ class Captioner:
             no_repeat_ngram_size,
             grounding=grounding,
             grounding_strength=grounding_strength,
-            concept_logits=logits,
+            concept_logits=encoded["concept_logits"],
+            detector_images=encoded["detector_images"],
         )
+
+    @property
+    def second_look(self) -> SecondLook | None:
+        """The person/animal detector's pass after decoding, for this grounding (None: the
+        model has none); rebuilt when ``grounder`` is replaced."""
+        if self.grounder is None:
+            return None
+        if self._second_look is None or self._second_look[0] is not self.grounder:
+            self._second_look = (
+                self.grounder,
+                SecondLook(self.grounder, self.vocab.itos, self._threads),
+            )
+        return self._second_look[1]
 
     def encode_batch(self, images: Sequence[ImageInput]) -> tuple[torch.Tensor, np.ndarray | None]:
         """What ``caption`` encodes: grids (B, P, C) and, for a grounded model, the ImageNet
         logits (B, 1000) of the same pass (else None); the input to ``caption_features``."""
+        encoded = self.encode_for_caption(images)
+        return encoded["features"], encoded["concept_logits"]
+
+    def encode_for_caption(self, images: Sequence[ImageInput]) -> dict[str, Any]:
+        """``encode_batch``'s grids and logits plus, for a grounded model, the photos at the
+        detector's input size (``detector_images``): the keyword arguments of
+        ``caption_features`` that come from the images."""
+        arrays = [load_image(img) for img in images]
         if self.grounder is None:
-            return self.encode(images), None
-        return self.encode_with_concepts(images)
+            features = torch.from_numpy(self.extractor(preprocess(arrays, self.spec)))
+            return {"features": features, "concept_logits": None, "detector_images": None}
+        grid, logits = self.extractor.with_concepts(preprocess(arrays, self.spec))
+        return {
+            "features": torch.from_numpy(grid),
+            "concept_logits": logits,
+            "detector_images": self.second_look.thumbnails(arrays),
+        }
 
     def caption_batches(
         self, batches: Iterable[Sequence[ImageInput]], **options: Any
@@ -268,7 +315,7 @@ class Captioner:
         from captioner.overlap import Failed, overlapped
 
         stream = overlapped(
-            (list(b) for b in batches), lambda b: self.encode_batch(b) if b else None
+            (list(b) for b in batches), lambda b: self.encode_for_caption(b) if b else None
         )
         try:
             for batch, encoded in stream:
@@ -277,8 +324,7 @@ class Captioner:
                 if not batch:
                     yield []
                     continue
-                features, logits = encoded
-                yield self.caption_features(features, concept_logits=logits, **options)
+                yield self.caption_features(**encoded, **options)
         finally:
             stream.close()
 
@@ -295,11 +341,14 @@ class Captioner:
         grounding: bool = True,
         grounding_strength: float | None = None,
         concept_logits: np.ndarray | None = None,
+        detector_images: np.ndarray | None = None,
     ) -> list[CaptionResult]:
         """Decode precomputed encoder grids (B, P, C), e.g. from the feature cache.
 
         ``concept_logits`` (B, 1000): the encoder head's logits when the caller has them
-        (otherwise the head is run on the grids)."""
+        (otherwise the head is run on the grids). ``detector_images`` (B, S, S, 3) uint8: the
+        photos at the detector's input size (``encode_for_caption``); without them (grids from
+        a cache) the detector's gate and the short descriptions are skipped."""
         from captioner.decoding import beam_search, greedy_decode
 
         g = self.generation_settings(
@@ -327,6 +376,8 @@ class Captioner:
             )
         if len(features) == 0:
             return []
+        if self.grounder is not None and concept_logits is None:
+            concept_logits = self.concept_logits(features)  # (B, 1000) grids from a cache
         described, word_bias = self._ground(features, concept_logits, grounding, grounding_strength)
         features = features.to(self.device)  # (B, P, C); a no-op on the CPU
         if word_bias is not None:
@@ -340,32 +391,28 @@ class Captioner:
         # one or two images: beam search's ops are tiny and a second thread only adds wake-ups;
         # larger batches have enough work per op to gain from all threads
         single = self.backend.endswith("onnx") and len(features) <= 2
-        with torch.inference_mode(), _single_torch_thread(single):
-            if beam_size == 1:
-                decoded = greedy_decode(
-                    self.stepper,
-                    features,
-                    max_length=max_length,
-                    suppress_unk=suppress_unk,
-                    length_penalty=length_penalty,
-                    no_repeat_ngram_size=no_repeat_ngram_size,
-                    word_bias=word_bias,
-                    bias_groups=self._bias_groups,
-                    **ids,
-                )
-            else:
-                decoded = beam_search(
-                    self.stepper,
-                    features,
-                    beam_size=beam_size,
-                    max_length=max_length,
-                    length_penalty=length_penalty,
-                    suppress_unk=suppress_unk,
-                    no_repeat_ngram_size=no_repeat_ngram_size,
-                    word_bias=word_bias,
-                    bias_groups=self._bias_groups,
-                    **ids,
-                )
+
+        def decode(features: torch.Tensor, word_bias: torch.Tensor | None) -> list:
+            options = dict(
+                max_length=max_length,
+                suppress_unk=suppress_unk,
+                length_penalty=length_penalty,
+                no_repeat_ngram_size=no_repeat_ngram_size,
+                word_bias=word_bias,
+                bias_groups=self._bias_groups,
+                **ids,
+            )
+            with torch.inference_mode(), _single_torch_thread(single):
+                if beam_size == 1:
+                    return greedy_decode(self.stepper, features, **options)
+                return beam_search(self.stepper, features, beam_size=beam_size, **options)
+
+        decoded = decode(features, word_bias)
+        short: list[list[str] | None] = [None] * len(decoded)
+        if described is not None and word_bias is not None and detector_images is not None:
+            decoded, short = self.second_look(
+                decoded, described, concept_logits, detector_images, word_bias, features, decode
+            )
         side = self.grid_size
         results = []
         for i, d in enumerate(decoded):
@@ -382,6 +429,14 @@ class Captioner:
                 g = described[i]
                 result.concepts, result.in_domain = g.concepts, g.in_domain
                 result.out_of_domain = g.out_of_domain
+            if short[i] is not None:
+                # the sentence stays on record as the first alternative; attention is uniform
+                # (the words come from the concepts, not from looking at one place)
+                result.alternatives.insert(0, (result.caption, result.score))
+                result.caption, result.tokens, result.short = " ".join(short[i]), short[i], True
+                if attention is not None:
+                    cells = side * side
+                    result.attention = np.full((len(short[i]), side, side), 1.0 / cells, np.float32)
             results.append(result)
         return results
 

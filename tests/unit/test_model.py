@@ -323,7 +323,7 @@ def test_save_pretrained_round_trip(saved_model):
         "max_length": 20,
         "length_penalty": 1.0,
         "suppress_unk": True,
-        "no_repeat_ngram_size": 0,
+        "no_repeat_ngram_size": 2,  # the bundle's repeat blocking: trained models inherit it
     }
     config = json.loads((saved_model / "config.json").read_text())
     assert config["format_version"] == 1

@@ -9,6 +9,9 @@ import typer
 
 from captioner.cli.common import friendly_errors
 
+# the bundled model's gate strength, chosen on Flickr8k dev (docs/GROUNDING.md)
+GATE_STRENGTH = 6.0
+
 
 def _strengths(text: str) -> list[float]:
     try:
@@ -41,6 +44,22 @@ def ground_cmd(
     tune: bool = typer.Option(
         True, "--tune/--no-tune", help="choose the strength on dev (beam search, minutes)"
     ),
+    gate_strength: float = typer.Option(
+        GATE_STRENGTH,
+        "--gate-strength",
+        min=0,
+        max=20,
+        help="how hard the person/animal detector vetoes a person, dog or cat it does not see "
+        "(nats per unit log ratio; 0 = no detector gate); the bundle's value was chosen on dev",
+    ),
+    gate_quantile: float = typer.Option(
+        0.05,
+        "--gate-quantile",
+        min=0.0,
+        max=0.5,
+        help="share of the dev photos showing a person (dog, cat) that the gate may doubt: its "
+        "thresholds are these quantiles of the detector's probability on them",
+    ),
 ) -> None:
     """Fit grounding on the training split (class-to-word table, domain scorer), choose its
     strength on dev, and save it beside the model: every caption then comes with concepts and
@@ -68,6 +87,17 @@ def ground_cmd(
     grounder, report = fit_grounding(
         captioner.vocab, prepared, captioner.spec.name, config, log=typer.echo
     )
+    report["detector_gate"] = {}
+    if gate_strength > 0:
+        from captioner.grounding.detection_fit import fit_gate_thresholds
+
+        thresholds, report["detector_gate"] = fit_gate_thresholds(
+            prepared, gate_quantile, log=typer.echo
+        )
+        grounder.config.person_threshold = thresholds.get("Person", 0.0)
+        grounder.config.dog_threshold = thresholds.get("Dog", 0.0)
+        grounder.config.cat_threshold = thresholds.get("Cat", 0.0)
+        grounder.config.gate_strength = gate_strength
     captioner.grounder = grounder
     trials: list[dict] = []
     if tune:

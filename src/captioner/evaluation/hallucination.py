@@ -17,45 +17,8 @@ from collections.abc import Iterable, Mapping
 
 from captioner.data.vocab import tokenize
 
-# How the word lists were chosen: every word seen >= 5 times in Flickr8k's captions.txt (2,977
-# words) was read through and the nouns that name a person (people in general, ages and family
-# roles, and the activity or job nouns Flickr8k uses for the person doing it: "surfer", "rider")
-# were kept. Left out on purpose: pronouns ("he", "her", "his": Flickr8k uses them for dogs too,
-# "a dog carries his toy"), "male"/"female" ("a male weimaraner"), "boxer" (a fighter or a dog
-# breed), "jumper" (a person or a sweater), and group nouns that are as often dogs ("couple",
-# "group", "team", "family"). A few inflections absent from that vocabulary are added (marked).
-PERSON_WORDS: frozenset[str] = frozenset(
-    """
-    man men woman women person people persons guy guys lady ladies gentleman human humans
-    individual individuals someone somebody adult adults mans crowd crowds audience spectators
-    onlookers pedestrian pedestrians tourists passengers fans
-    boy boys girl girls child children kid kids baby babies toddler toddlers infant teenager
-    teenagers teen teens youth
-    mother father mom dad daughter son brother sister parent parents bride groom bridesmaids
-    groomsmen friend friends teammate peers member members owner owners
-    player players skateboarder skateboarders snowboarder snowboarders surfer surfers rider riders
-    biker bikers skier skiers skiiers climber climbers hiker hikers cyclist cyclists bicyclist
-    bicyclists bicycler motorcyclist motorcyclists racer racers runner runners goalie wrestler
-    wrestlers referee skater skaters driver photographer photographers policeman policemen officer
-    officers cop kayaker kayakers swimmer swimmers cheerleader cheerleaders catcher pitcher batter
-    batsman bowler rollerblader worker workers musician musicians artist artists singer guitarist
-    drummer dancer dancers performer performers diver jockey jockeys waterskier fisherman vendor
-    trainer wakeboarder footballer footballers backpacker jogger windsurfer firefighter fireman
-    soldier sailor cowboy cowboys cowgirl clown clowns instructor teacher waiter priest athlete
-    athletes gymnast quarterback baseman mountaineer surfboarder boarder cameraman fencers defenders
-    opponent viewer student students santa pirate pirates ninja dj rival
-    """.split()
-)  # "persons", "humans" are the added inflections
-
-# The same reading for dogs: "dog(s)", "puppy/puppies" and the breed names Flickr8k uses as nouns
-# ("a black lab", "a german shepherd"). "boxer" is left out (see above).
-DOG_WORDS: frozenset[str] = frozenset(
-    """
-    dog dogs puppy puppies pup pups doggy canine retriever terrier terriers collie greyhound
-    greyhounds shepherd shephard poodle poodles husky labrador lab dalmatian dalmation doberman
-    rottweiler pitbull beagle dachshund bulldog pug pugs corgi sheltie hound
-    """.split()
-)  # "pup", "pups", "doggy", "canine" are the added words
+# the word lists live beside the detector that gates them: one reading of "a person word"
+from captioner.features.detector_words import DOG_WORDS, PERSON_WORDS  # noqa: F401
 
 
 def caption_tokens(caption: str | Iterable[str]) -> list[str]:

@@ -47,6 +47,7 @@ from safetensors.numpy import load_file, save_file
 
 from captioner.errors import CheckpointError
 from captioner.features.concepts import ImageNetConcepts, ZeroOneMatrix, _singulars
+from captioner.grounding.detection import DetectionGate
 from captioner.grounding.domain import DomainScorer, pooled
 from captioner.grounding.word_model import ConceptWordTable, FeatureWordDetector, softmax
 from captioner.io import atomic_path, atomic_write_json, read_json
@@ -79,6 +80,16 @@ class GroundingConfig:
     residual_variance: float = 1.0  # of the domain scorer (a fitted value, saved here)
     top_k: int = 5  # concepts listed per image
     min_prob: float = 0.05  # concepts listed only from this probability
+    # the detector's gate on person / dog / cat words (grounding/detection.py): presence
+    # probabilities below which each is doubted (dev quantiles; 0 = not gated) and its strength
+    person_threshold: float = 0.0
+    dog_threshold: float = 0.0
+    cat_threshold: float = 0.0
+    gate_strength: float = 0.0
+    detector_min_prob: float = 0.5  # detector classes listed among the concepts from this
+    # out of domain, a short description ("a cat") instead of a sentence the evidence cannot
+    # support (grounding/short_description.py)
+    short_out_of_domain: bool = True
 
     @classmethod
     def from_json(cls, data: dict) -> GroundingConfig:
@@ -90,7 +101,20 @@ class GroundingConfig:
             raise ValueError("temperature and epsilon must be > 0")
         if not 0 <= config.detector_weight <= 1:
             raise ValueError("detector_weight must be between 0 and 1")
+        config.detection_gate()  # its own checks
         return config
+
+    def detection_gate(self) -> DetectionGate:
+        thresholds = {
+            label: t
+            for label, t in (
+                ("Person", self.person_threshold),
+                ("Dog", self.dog_threshold),
+                ("Cat", self.cat_threshold),
+            )
+            if t > 0
+        }
+        return DetectionGate(thresholds, self.gate_strength)
 
 
 @dataclass
@@ -157,6 +181,13 @@ class Grounder:
     def lexical(self, logits: np.ndarray) -> np.ndarray:
         """(B, 1000) logits -> (B, W) probability of the classes each word names."""
         return np.minimum(self._lexicon_t(softmax(logits)), 1.0)
+
+    def support(self, logits: np.ndarray, itos: list[str]) -> list[dict[str, float]]:
+        """(B, 1000) logits, the model's vocabulary -> per image, word -> probability of the
+        classes the word names (the lexical evidence), for the words the grounding biases."""
+        lexical = self.lexical(logits)  # (B, W)
+        names = [itos[i] for i in self.word_ids]
+        return [dict(zip(names, row.tolist(), strict=True)) for row in lexical]
 
     def learnt(self, logits: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
         """(B, 1000) logits, (B, C) pooled features -> (B, W) learnt word probabilities: the

@@ -89,7 +89,10 @@ class GenerationConfig:
     length_penalty: float = setting(1.0, "beam score = log-prob / length ** this", ge=0, le=10)
     suppress_unk: bool = setting(True, "never emit <unk>")
     no_repeat_ngram_size: int = setting(
-        0, "never repeat an n-gram this long (0 = off)", ge=0, le=10
+        2,
+        "never repeat an n-gram this long (0 = off; 2, the bundle's dev choice, stops loops)",
+        ge=0,
+        le=10,
     )
 
     def __post_init__(self) -> None:

@@ -1,0 +1,40 @@
+"""Is a caption a sentence? Debian's link-grammar parser says (word salad does not parse).
+
+A metric that counts keywords scores "a a is is sitting on a fallen in the blue" like a
+caption; a full parse (no word left unlinked) tells it from a sentence. link-grammar is not on
+PyPI: ``apt-get install python3-link-grammar link-grammar-dictionaries-en`` installs the system
+Python's module, which a venv of the same Python version can import from dist-packages. Without
+it the check is unavailable (None), never guessed.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import cache
+
+DEBIAN_DIST_PACKAGES = "/usr/lib/python3/dist-packages"
+
+
+@cache
+def sentence_parser() -> Callable[[str], bool] | None:
+    """caption -> whether link-grammar finds a full linkage (English dictionary), or None when
+    link-grammar is not installed."""
+    try:
+        import linkgrammar  # noqa: F401
+    except ImportError:
+        if DEBIAN_DIST_PACKAGES not in sys.path:
+            sys.path.append(DEBIAN_DIST_PACKAGES)
+        try:
+            import linkgrammar  # noqa: F401
+        except ImportError:
+            return None
+    from linkgrammar import Dictionary, ParseOptions, Sentence
+
+    dictionary = Dictionary("en")
+    options = ParseOptions(min_null_count=0, max_null_count=0, verbosity=0)
+
+    def parses(caption: str) -> bool:
+        return bool(caption.strip()) and len(Sentence(caption, dictionary, options).parse()) > 0
+
+    return parses

@@ -1,0 +1,135 @@
+"""After decoding: the detector looks where its answer can change the caption.
+
+Two things can change (see :mod:`captioner.grounding.detection` and
+:mod:`captioner.grounding.short_description`):
+
+- a caption that names a person, a dog or a cat the detector doubts is decoded again with the
+  gate's penalty added to the word bias;
+- an out-of-domain photo gets the detector's classes among its concepts and, when the grounding
+  asks for it, a short description instead of its sentence.
+
+Every other photo keeps the caption it was decoded with, and the detector never runs on it, so
+a photo whose caption names no gated word costs nothing more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from captioner.features.concepts import load_object_words
+from captioner.features.detector import DetectorOutput, ObjectDetector
+from captioner.grounding.detection import detector_concepts
+from captioner.grounding.grounder import Grounder, ImageGrounding
+from captioner.grounding.short_description import short_description
+
+DETECTOR_SIZE = 300  # the bundled detector's input (detector.json); thumbnails are made at it
+
+
+class SecondLook:
+    def __init__(self, grounder: Grounder, itos: list[str], threads: int | None = None):
+        self.grounder = grounder
+        self.itos = itos
+        self.everyday = {w for w in itos if w.isalpha()}  # the model's own words
+        self.config = grounder.config
+        self.gate = grounder.config.detection_gate()
+        self.gated = self.gate.gated_ids(itos)
+        self.threads = threads
+        self._detector: ObjectDetector | None = None
+        self._object_words: set[str] | None = None
+
+    @property
+    def wanted(self) -> bool:
+        """Whether this grounding uses the detector or the short descriptions at all."""
+        return self.gate.active or self.config.short_out_of_domain
+
+    @property
+    def detector(self) -> ObjectDetector:
+        if self._detector is None:  # loaded on first use: most captions never need it
+            self._detector = ObjectDetector.from_pretrained(threads=self.threads)
+        return self._detector
+
+    def thumbnails(self, arrays: Sequence[np.ndarray]) -> np.ndarray | None:
+        """RGB arrays -> (B, S, S, 3) uint8 at the detector's input size (small enough to keep
+        beside the grids until decoding says whether the detector is needed)."""
+        if not self.wanted:
+            return None
+        out = np.empty((len(arrays), DETECTOR_SIZE, DETECTOR_SIZE, 3), dtype=np.uint8)
+        for i, array in enumerate(arrays):
+            image = Image.fromarray(np.asarray(array, dtype=np.uint8)).convert("RGB")
+            out[i] = np.asarray(image.resize((DETECTOR_SIZE, DETECTOR_SIZE), Image.BILINEAR))
+        return out
+
+    def __call__(
+        self,
+        decoded: list,
+        described: list[ImageGrounding],
+        concept_logits: np.ndarray,
+        detector_images: np.ndarray,
+        word_bias: torch.Tensor,
+        features: torch.Tensor,
+        decode: Callable[[torch.Tensor, torch.Tensor], list],
+    ) -> tuple[list, list[list[str] | None]]:
+        """(decoded, per photo a short description or None); ``described`` gains the
+        detector's concepts where it ran."""
+        short: list[list[str] | None] = [None] * len(decoded)
+        if not self.wanted:
+            return decoded, short
+        outside = [g.out_of_domain for g in described]
+        gated = [
+            self.gate.active and self.gate.names_gated_word(d.token_ids, self.gated)
+            for d in decoded
+        ]
+        looked = [i for i in range(len(decoded)) if outside[i] or gated[i]]
+        if not looked:
+            return decoded, short
+        probs = self.detector(list(detector_images[looked])).probabilities  # (n, L)
+        detections = DetectorOutput(self.detector.labels, probs)
+        decoded = list(decoded)
+        if self.gate.active:
+            penalty = self.gate.bias(detections, self.gated, word_bias.size(1))  # (n, V)
+            redo = [
+                k
+                for k, i in enumerate(looked)
+                if gated[i] and (penalty[k, decoded[i].token_ids] < 0).any()
+            ]
+            if redo:
+                rows = [looked[k] for k in redo]
+                extra = torch.from_numpy(penalty[redo]).to(word_bias.device)  # (r, V)
+                for i, d in zip(rows, decode(features[rows], word_bias[rows] + extra), strict=True):
+                    decoded[i] = d
+        seen = detector_concepts(detections, self.config.detector_min_prob)
+        support = self.grounder.support(concept_logits[looked], self.itos)
+        for k, i in enumerate(looked):
+            if not outside[i]:
+                continue
+            described[i].concepts = merged_concepts(described[i].concepts, seen[k])
+            if self.config.short_out_of_domain:
+                tokens = [self.itos[t] for t in decoded[i].token_ids]
+                short[i] = short_description(
+                    tokens,
+                    described[i].concepts,
+                    self.object_words,
+                    lambda w, s=support[k]: s.get(w, 0.0),
+                    self.everyday,
+                )
+        return decoded, short
+
+    @property
+    def object_words(self) -> set[str]:
+        if self._object_words is None:
+            self._object_words = load_object_words()
+        return self._object_words
+
+
+def merged_concepts(
+    imagenet: list[tuple[str, float]], detected: list[tuple[str, float]]
+) -> list[tuple[str, float]]:
+    """Both sources' concept words, each once at its higher probability, best first."""
+    best: dict[str, float] = {}
+    for word, p in [*imagenet, *detected]:
+        best[word] = max(p, best.get(word, 0.0))
+    return sorted(best.items(), key=lambda c: -c[1])

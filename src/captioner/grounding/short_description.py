@@ -1,0 +1,64 @@
+"""The honest fallback: on a photo unlike the training photos, say less and be right.
+
+Out of domain the decoder's Flickr8k language has nothing true to attach its sentence to: a
+full sentence there was word salad a third of the time ("a is is on a blue in the bubble") and a
+confident wrong scene most of the rest. What the evidence does support is one thing in the photo.
+So an out-of-domain photo is described as "a/an <noun>": the head noun the grounded decoder led
+with when the concepts name it (its grounding picked it among the Flickr8k words, so it is often
+the right everyday word: "building", "car", "fish"), else the best-supported concept word
+(ImageNet's or the detector's). The result says it is a short description.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from captioner.features.concepts import _singulars
+
+# words that end a caption's leading noun phrase without being its noun
+PHRASE_BREAKERS = frozenset(
+    "is are was were be on in of with at by near under over through into from to for while "
+    "and his her its their".split()
+)
+LEADING_WINDOW = 4  # the leading noun phrase is looked for in the caption's first words
+MIN_SUPPORT = 0.1  # concept probability a decoder noun needs to be trusted as the subject
+RARE_WORD_WEIGHT = 0.5  # a concept word outside the model's vocabulary counts half
+
+
+def leading_noun(tokens: Sequence[str], object_words: set[str]) -> str | None:
+    """The head noun of a caption's leading noun phrase ("a white fish is ..." -> "fish"),
+    singular when its singular is an object word too; None when the caption starts without
+    one ("a is is on ...")."""
+    for token in tokens[:LEADING_WINDOW]:
+        if token in PHRASE_BREAKERS and token != "and":
+            return None
+        if token in object_words:
+            singular = sorted(s for s in _singulars(token) if s in object_words and s != token)
+            return singular[0] if singular and token.endswith("s") else token
+    return None
+
+
+def with_article(noun: str) -> list[str]:
+    return ["an" if noun[:1] in "aeiou" else "a", noun]
+
+
+def short_description(
+    tokens: Sequence[str],
+    concepts: Sequence[tuple[str, float]],
+    object_words: set[str],
+    support: Callable[[str], float],
+    everyday: set[str] | None = None,
+) -> list[str] | None:
+    """["a", "cat"] for an out-of-domain photo: the decoder's leading noun when ``support``
+    (the concepts' probability for a word) backs it, else the top concept, words in
+    ``everyday`` (the model's vocabulary) preferred; None when there is neither."""
+    noun = leading_noun(tokens, object_words)
+    if noun is not None and support(noun) >= MIN_SUPPORT:
+        return with_article(noun)
+    if concepts:
+        # an everyday word (one the caption model knows) is worth twice a rare one: "a boat"
+        # reads better than "a watercraft" and is as often right
+        everyday = everyday or set()
+        best = max(concepts, key=lambda c: c[1] * (1.0 if c[0] in everyday else RARE_WORD_WEIGHT))
+        return with_article(best[0])
+    return None

@@ -1,0 +1,259 @@
+"""The person/animal detector, its gate on caption words and the short descriptions."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from captioner.errors import CheckpointError
+from captioner.evaluation.hallucination import DOG_WORDS, PERSON_WORDS
+from captioner.features.detector import DetectorOutput, ObjectDetector, bundled_detector_dir
+from captioner.features.detector_words import LABEL_WORDS, display_name
+from captioner.grounding.detection import DetectionGate, detector_concepts, dev_thresholds
+from captioner.grounding.grounder import GroundingConfig
+from captioner.grounding.second_look import SecondLook, merged_concepts
+from captioner.grounding.short_description import leading_noun, short_description
+
+LABELS = ["???", "Person", "Dog", "Cat", "Car"]
+OBJECT_WORDS = {"man", "dog", "cat", "car", "fish", "building", "shoe", "shoes", "table"}
+
+
+def test_bundled_detector_runs_and_batches_consistently():
+    detector = ObjectDetector.from_pretrained()
+    assert "Person" in detector.labels and "Dog" in detector.labels and len(detector.labels) == 24
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (120, 90, 3), dtype=np.uint8), np.zeros((50, 60, 3), np.uint8)]
+    batch = detector(images).probabilities
+    assert batch.shape == (2, 24) and np.all((batch >= 0) & (batch <= 1))
+    alone = detector(images[1:]).probabilities
+    np.testing.assert_allclose(batch[1:], alone, atol=1e-5)
+    assert detector([]).probabilities.shape == (0, 24)
+
+
+def test_damaged_detector_is_one_clear_error(tmp_path):
+    folder = tmp_path / "detector"
+    shutil.copytree(bundled_detector_dir(), folder)
+    onnx_file = folder / "detector.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="checksum"):
+        ObjectDetector.from_pretrained(folder)
+    (folder / "detector.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        ObjectDetector.from_pretrained(folder)
+    with pytest.raises(CheckpointError, match="no detector"):
+        ObjectDetector.from_pretrained(tmp_path / "missing")
+
+
+def test_the_bundled_description_names_its_provenance():
+    meta = json.loads((bundled_detector_dir() / "detector.json").read_text())
+    assert meta["licence"] == "Apache-2.0" and "@mediapipe/objectron" in meta["source"]
+    assert set(LABEL_WORDS) == set(meta["labels"]) - {"???"}
+
+
+def test_one_reading_of_person_and_dog_words():
+    assert LABEL_WORDS["Person"] is PERSON_WORDS and LABEL_WORDS["Dog"] is DOG_WORDS
+    assert display_name("Person") == "person" and display_name("Footwear") == "shoe"
+
+
+def test_gate_penalises_only_below_its_threshold():
+    itos = ["<pad>", "a", "man", "dog", "cat", "is"]
+    gate = DetectionGate({"Person": 0.3, "Dog": 0.2}, strength=4.0, max_penalty=10.0)
+    gated = gate.gated_ids(itos)
+    assert gated["Person"].tolist() == [2] and gated["Dog"].tolist() == [3]
+    probs = np.array([[0, 0.9, 0.9, 0, 0], [0, 0.05, 0.5, 0, 0], [0, 0.0, 0.0, 0, 0]], np.float32)
+    bias = gate.bias(DetectorOutput(LABELS, probs), gated, len(itos))
+    assert np.all(bias[0] == 0)  # both seen: nothing changes
+    assert bias[1, 2] == pytest.approx(4.0 * np.log(0.06 / 0.31), rel=1e-5)
+    assert bias[1, 3] == 0 and bias[1, 4] == 0  # dog seen; cat not gated
+    assert bias[2, 2] == pytest.approx(-10.0)  # 4 * log(0.01 / 0.31) = -13.7, capped
+    assert bias[2, [0, 1, 5]].tolist() == [0, 0, 0]  # other words never
+    assert gate.names_gated_word([1, 2, 5], gated) and not gate.names_gated_word([1, 4], gated)
+
+
+@pytest.mark.parametrize(
+    "thresholds, strength",
+    [({"Unicorn": 0.2}, 1.0), ({"Person": 1.5}, 1.0), ({"Person": 0.2}, -1.0)],
+)
+def test_gate_rejects_nonsense(thresholds, strength):
+    with pytest.raises(ValueError):
+        DetectionGate(thresholds, strength)
+
+
+def test_grounding_config_builds_the_gate_from_its_fields():
+    config = GroundingConfig.from_json(
+        {"person_threshold": 0.25, "dog_threshold": 0.2, "gate_strength": 6}
+    )
+    gate = config.detection_gate()
+    assert gate.active and gate.thresholds == {"Person": 0.25, "Dog": 0.2}
+    assert not GroundingConfig().detection_gate().active  # older groundings: no gate
+    with pytest.raises(ValueError):
+        GroundingConfig.from_json({"person_threshold": 2.0, "gate_strength": 1})
+
+
+def test_dev_thresholds_are_quantiles_of_the_photos_that_show_the_class():
+    p = np.linspace(0, 1, 101)
+    shows = p > 0.5  # only the upper half shows a person
+    out = dev_thresholds({"Person": p, "Dog": p}, {"Person": shows, "Dog": np.zeros(101)}, 0.1)
+    assert out["Person"] == pytest.approx(np.quantile(p[shows], 0.1), abs=1e-4)
+    assert "Dog" not in out  # no dev photo shows one: no gate
+
+
+def test_detector_concepts_and_merging():
+    probs = np.array([[0.9, 0.74, 0.1, 0.6, 0.0]], np.float32)
+    (seen,) = detector_concepts(DetectorOutput(LABELS, probs), min_prob=0.5)
+    assert seen == [("person", 0.74), ("cat", 0.6)]  # background never listed
+    merged = merged_concepts([("cat", 0.95), ("mat", 0.1)], seen)
+    assert merged == [("cat", 0.95), ("person", 0.74), ("mat", 0.1)]
+
+
+@pytest.mark.parametrize(
+    "tokens, noun",
+    [
+        ("a white fish is in the water", "fish"),
+        ("two shoes are on a table", "shoe"),
+        ("a is is on a blue in the bubble", None),
+        ("a white and a red white is in the flowers", None),
+        ("a building is standing", "building"),
+    ],
+)
+def test_leading_noun(tokens, noun):
+    assert leading_noun(tokens.split(), OBJECT_WORDS) == noun
+
+
+def test_short_description_prefers_a_supported_decoder_noun_else_the_top_concept():
+    concepts = [("bubble", 0.2), ("cat", 0.6)]
+    backed = short_description(
+        "a cat is in the blue".split(), concepts, OBJECT_WORDS, {"cat": 0.9}.get
+    )
+    assert backed == ["a", "cat"]
+    unbacked = short_description(
+        "a dog is in the blue".split(), [("eagle", 0.6)], OBJECT_WORDS, lambda w: 0.0
+    )
+    assert unbacked == ["an", "eagle"]  # the decoder's "dog" has no support: the concept wins
+    assert short_description("a is is".split(), [], OBJECT_WORDS, lambda w: 0.0) is None
+
+
+class CountingDetector:
+    labels = LABELS
+
+    def __init__(self, person: float):
+        self.person, self.calls = person, 0
+
+    def __call__(self, images):
+        self.calls += len(images)
+        probs = np.zeros((len(images), len(LABELS)), np.float32)
+        probs[:, 1] = self.person
+        return DetectorOutput(LABELS, probs)
+
+
+def make_second_look(person: float, short: bool = True):
+    itos = ["<pad>", "<start>", "<end>", "<unk>", "a", "man", "dog", "is", "in", "water", "bird"]
+    config = GroundingConfig(person_threshold=0.3, gate_strength=6.0, short_out_of_domain=short)
+    grounder = SimpleNamespace(
+        config=config,
+        support=lambda logits, itos: [{"bird": 0.5} for _ in range(len(logits))],
+    )
+    look = SecondLook(grounder, itos)
+    look._detector = CountingDetector(person)
+    look._object_words = {"man", "dog", "water", "bird"}
+    return look, itos
+
+
+def decoded_as(itos, *captions):
+    return [SimpleNamespace(token_ids=[itos.index(w) for w in c.split()]) for c in captions]
+
+
+def test_second_look_redecodes_only_doubted_captions():
+    look, itos = make_second_look(person=0.05)
+    decoded = decoded_as(itos, "a man is in water", "a dog is in water")
+    described = [SimpleNamespace(out_of_domain=False, concepts=[]) for _ in decoded]
+    seen_bias = []
+
+    def decode(features, bias):
+        seen_bias.append(bias)
+        return decoded_as(itos, "a bird is in water")
+
+    bias = torch.zeros(2, len(itos))
+    images = np.zeros((2, 8, 8, 3), np.uint8)
+    out, short = look(
+        decoded, described, np.zeros((2, 1000)), images, bias, torch.zeros(2, 4, 3), decode
+    )
+    assert look.detector.calls == 1  # the dog caption names no gated word: never looked at
+    assert len(seen_bias) == 1 and seen_bias[0][0, itos.index("man")] < -5
+    assert [itos[t] for t in out[0].token_ids] == "a bird is in water".split()
+    assert out[1] is decoded[1] and short == [None, None]
+
+
+def test_second_look_keeps_a_caption_the_detector_supports():
+    look, itos = make_second_look(person=0.9)
+    decoded = decoded_as(itos, "a man is in water")
+    described = [SimpleNamespace(out_of_domain=False, concepts=[])]
+
+    def decode(features, bias):
+        raise AssertionError("a supported caption is not decoded again")
+
+    out, _ = look(
+        decoded,
+        described,
+        np.zeros((1, 1000)),
+        np.zeros((1, 8, 8, 3), np.uint8),
+        torch.zeros(1, len(itos)),
+        torch.zeros(1, 4, 3),
+        decode,
+    )
+    assert out[0] is decoded[0]
+
+
+def test_second_look_describes_out_of_domain_photos_briefly():
+    look, itos = make_second_look(person=0.9)
+    decoded = decoded_as(itos, "a bird is in water")
+    described = [SimpleNamespace(out_of_domain=True, concepts=[("parrot", 0.4)])]
+    out, short = look(
+        decoded,
+        described,
+        np.zeros((1, 1000)),
+        np.zeros((1, 8, 8, 3), np.uint8),
+        torch.zeros(1, len(itos)),
+        torch.zeros(1, 4, 3),
+        lambda f, b: decoded,
+    )
+    assert short == [["a", "bird"]]
+    assert described[0].concepts[0] == ("person", 0.9)  # the detector's classes join them
+    look_off, _ = make_second_look(person=0.9, short=False)
+    look_off._detector = CountingDetector(0.9)
+    _, short = look_off(
+        decoded,
+        [SimpleNamespace(out_of_domain=True, concepts=[])],
+        np.zeros((1, 1000)),
+        np.zeros((1, 8, 8, 3), np.uint8),
+        torch.zeros(1, len(itos)),
+        torch.zeros(1, 4, 3),
+        lambda f, b: decoded,
+    )
+    assert short == [None]
+
+
+def test_short_description_prefers_everyday_words():
+    concepts = [("watercraft", 0.3), ("boat", 0.2), ("roundworm", 0.5)]
+    chosen = short_description(["a"], concepts, OBJECT_WORDS, lambda w: 0.0, {"boat"})
+    assert chosen == ["a", "roundworm"]  # 0.5 / 2 = 0.25 still beats the everyday 0.2
+    chosen = short_description(["a"], concepts[:2], OBJECT_WORDS, lambda w: 0.0, {"boat"})
+    assert chosen == ["a", "boat"]  # 0.2 beats 0.3 / 2
+    chosen = short_description(["a"], concepts[:2], OBJECT_WORDS, lambda w: 0.0, set())
+    assert chosen == ["a", "watercraft"]  # no vocabulary given: the top concept
+
+
+def test_group_nouns_need_one_of_the_gated_classes():
+    itos = ["a", "group", "of", "man", "dog"]
+    gate = DetectionGate({"Person": 0.3, "Dog": 0.3}, strength=4.0)
+    gated = gate.gated_ids(itos)
+    probs = np.array([[0, 0.05, 0.9, 0, 0], [0, 0.05, 0.1, 0, 0]], np.float32)
+    bias = gate.bias(DetectorOutput(LABELS, probs), gated, len(itos))
+    assert bias[0, 1] == 0 and bias[0, 3] < 0  # a group of dogs may be said, a man not
+    assert bias[1, 1] == pytest.approx(bias[1, 4]) and bias[1, 4] < 0  # neither: the milder
+    assert gate.names_gated_word([0, 1, 2], gated)
