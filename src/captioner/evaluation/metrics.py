@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -25,7 +26,8 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor import meteor as _meteor_module
 from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
-from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS, PTBTokenizer
+from pycocoevalcap.tokenizer import ptbtokenizer as _ptb_module
+from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS
 
 from captioner.errors import CaptionerError, DataError
 
@@ -42,10 +44,13 @@ METRIC_NAMES: tuple[str, ...] = (
 )
 
 #: Seconds METEOR may take before its Java process is killed (plus a per-image allowance), so a
-#: wedged subprocess can never hang an evaluation forever.
+#: wedged subprocess can never hang an evaluation forever; PTB_TIMEOUT_S is the tokenizer's.
 METEOR_TIMEOUT_S = 120.0
 METEOR_TIMEOUT_PER_IMAGE_S = 0.05
+PTB_TIMEOUT_S = 600.0
 
+_PTB_JAR = _ptb_module.STANFORD_CORENLP_3_4_1_JAR
+_PTB_CLASS = "edu.stanford.nlp.process.PTBTokenizer"
 _PUNCTUATION = frozenset(PUNCTUATIONS)  # the exact list coco-caption drops after PTB tokenizing
 
 
@@ -137,11 +142,38 @@ def _sanitize(text: str) -> str:
     return " ".join(text.split())
 
 
+def _ptb_tokenize(captions: dict[Any, list[str]]) -> dict[Any, list[str]]:
+    """``PTBTokenizer().tokenize`` (same Java command and output), with its input file in a temp
+    dir of ours: pycocoevalcap writes it inside the installed package, so a killed run left
+    captions there."""
+    keys = [key for key, caps in captions.items() for _ in caps]
+    sentences = "\n".join(c.replace("\n", " ") for caps in captions.values() for c in caps)
+    jar = os.path.join(os.path.dirname(os.path.abspath(_ptb_module.__file__)), _PTB_JAR)
+    timeout = PTB_TIMEOUT_S + METEOR_TIMEOUT_PER_IMAGE_S * len(keys)
+    with tempfile.TemporaryDirectory(prefix="captioner-ptb-") as tmp:
+        path = os.path.join(tmp, "captions.txt")
+        with open(path, "wb") as handle:
+            handle.write(sentences.encode())
+        command = ["java", "-cp", jar, _PTB_CLASS, "-preserveLines", "-lowerCase", path]
+        try:
+            done = subprocess.run(
+                command, cwd=tmp, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise CaptionerError(f"PTBTokenizer (Java) took over {timeout:.0f} s") from exc
+    if done.returncode != 0:
+        why = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
+        raise CaptionerError(f"PTBTokenizer (Java) exited with {done.returncode}: {why[0]}")
+    result: dict[Any, list[str]] = {}
+    for key, line in zip(keys, done.stdout.decode().split("\n"), strict=False):
+        words = [w for w in line.rstrip().split(" ") if w not in _PUNCTUATION]
+        result.setdefault(key, []).append(" ".join(words))
+    return result
+
+
 def _tokenize_java(captions: dict[Any, list[str]]) -> dict[Any, list[str]]:
     """Tokenize with coco-caption's Stanford PTBTokenizer; raise if its output is misaligned."""
-    payload = {key: [{"caption": c} for c in caps] for key, caps in captions.items()}
-    with contextlib.redirect_stdout(io.StringIO()):
-        result = PTBTokenizer().tokenize(payload)
+    result = _ptb_tokenize(captions)
     # PTBTokenizer zips output lines with ids and silently truncates on failure (e.g. a broken
     # java, or a trailing empty caption): verify shape and pad trailing empties ourselves.
     out: dict[Any, list[str]] = {}
