@@ -63,7 +63,7 @@ def test_preparing_is_said_only_when_it_prepares(data, tmp_path):
     first: list[str] = []
     train(cfg, log=first.append)
     assert sum(m.startswith("preparing") for m in first) == 1
-    assert any(m.startswith("warm-up: 1 steps") for m in first)  # 200 capped for one step
+    assert any(m.startswith("warm-up: 1 step (") for m in first)  # 200 capped for one step
     again: list[str] = []
     train(TrainConfig(**{**cfg.to_json(), "max_steps": 2}), log=again.append)
     assert not any(m.startswith("preparing") for m in again), again

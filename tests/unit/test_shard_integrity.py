@@ -171,3 +171,10 @@ def test_the_features_command_verifies(monkeypatch, tmp_path):
     result = CliRunner().invoke(app, ["features", "--work-dir", str(tmp_path), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert seen.get("verify") is True
+
+
+def test_no_extraction_bar_where_stderr_is_not_a_terminal(setup, extractor, capsys):
+    images, names, _ = setup
+    capsys.readouterr()
+    extract_to_cache(images, names, images.parent / "fresh", extractor, progress=True)
+    assert "img/s" not in capsys.readouterr().err  # logs and pipes get no bar noise

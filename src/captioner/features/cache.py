@@ -32,7 +32,6 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
-from tqdm.auto import tqdm
 
 from captioner.data.image_source import ImageSource, as_image_source
 from captioner.data.images import load_image
@@ -47,6 +46,7 @@ from captioner.features.shard_integrity import (
     verify_shards,
 )
 from captioner.io import atomic_path, atomic_write_json, read_json
+from captioner.progress import progress_bar as tqdm  # no bars when stderr is not a TTY
 
 # ``images_dir`` below is a folder or any ImageSource (data/image_source.py: tar shards are read
 # in place); a folder is wrapped in a FolderSource, so names resolve as ``images_dir / name``.

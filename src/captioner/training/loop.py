@@ -223,8 +223,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, restart: bool, log) -> Path:
     warmup = warmup_steps(cfg.warmup_steps, total_steps)
     if warmup < cfg.warmup_steps:
         log(
-            f"warm-up: {warmup} steps (--warmup-steps {cfg.warmup_steps} is capped at a fifth "
-            f"of this run's {total_steps} steps)"
+            f"warm-up: {warmup} step{'s' * (warmup != 1)} (--warmup-steps {cfg.warmup_steps} "
+            f"is capped at a fifth of this run's {total_steps} steps)"
         )
 
     state = new_progress()
