@@ -14,7 +14,7 @@ from captioner.data.prepare import PrepareSettings, prepare
 from captioner.data.synthetic import make_shapes_dataset
 from captioner.errors import ConfigError
 from captioner.grounding.grounder import GROUNDING_CONFIG, GROUNDING_WEIGHTS
-from captioner.training.averaging import average_run
+from captioner.training.averaging import average_run, list_epoch_weights
 from captioner.training.checkpoint import list_checkpoints, resume_latest, save_checkpoint
 from captioner.training.config import TrainConfig
 from captioner.training.guards import GROUNDING_FILES
@@ -108,3 +108,18 @@ def test_new_best_weights_remove_the_old_grounding_and_extension_is_said(work, t
     average_run(run, out, last=100, log=messages.append)
     assert any("--last 100" in m and "averaging all of them (epochs 1, 2)" in m for m in messages)
     assert not any((out / name).exists() for name in GROUNDING_FILES)
+
+
+def test_restart_sets_the_old_runs_kept_epochs_aside(work, tmp_path):
+    run = tmp_path / "run"
+    cfg = TrainConfig(
+        work_dir=str(work / "work"), run_dir=str(run), epochs=2, keep_epochs=5, **SMALL
+    )
+    train(cfg)
+    assert sorted(list_epoch_weights(run)) == [1, 2]
+    train(TrainConfig(**{**cfg.to_json(), "epochs": 1}), restart=True)
+    assert sorted(list_epoch_weights(run)) == [1]  # the new run's alone: average cannot mix
+    assert sorted(p.name for p in (run / "epochs" / "superseded").iterdir()) == [
+        "epoch_001.safetensors",
+        "epoch_002.safetensors",
+    ]

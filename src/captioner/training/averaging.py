@@ -5,6 +5,7 @@ weights in ``<run>/epochs/``; ``average_run`` turns a chosen set of them into a 
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -41,6 +42,19 @@ def save_epoch_weights(run_dir: Path, epoch: int, model: torch.nn.Module, keep: 
     saved = list_epoch_weights(run_dir)
     for old in sorted(saved)[:-keep]:
         saved[old].unlink(missing_ok=True)
+
+
+def set_aside_epoch_weights(run_dir: Path, log=print) -> None:
+    """--restart: move the kept epochs of the run given up into ``epochs/superseded/``, so
+    `captioner average` never mixes them with the new run's (nor fails on their shapes)."""
+    saved = list_epoch_weights(run_dir)
+    if not saved:
+        return
+    target = Path(run_dir) / EPOCHS_DIR / "superseded"
+    target.mkdir(exist_ok=True)
+    for path in saved.values():
+        os.replace(path, target / path.name)
+    log(f"--restart: moved {len(saved)} kept epoch weights to {target}")
 
 
 def list_epoch_weights(run_dir: Path) -> dict[int, Path]:

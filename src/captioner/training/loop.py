@@ -19,6 +19,7 @@ from captioner.model.config import DecoderConfig
 from captioner.model.decoder import ShowAttendTellDecoder, masked_caption_loss
 from captioner.progress import progress_bar as tqdm  # no bars when stderr is not a TTY
 from captioner.settings import cap_threads, check_folder_option
+from captioner.training.averaging import set_aside_epoch_weights
 from captioner.training.batching import CaptionSamples, build_samples, image_batches
 from captioner.training.checkpoint import resume_latest, save_checkpoint, start_over
 from captioner.training.config import TrainConfig, _Settings
@@ -231,6 +232,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, restart: bool, log) -> Path:
     ckpt_root = run_dir / "checkpoints"
     if restart and ctx.is_main:
         start_over(ckpt_root, log)
+        set_aside_epoch_weights(run_dir, log)
     resumed = None if restart else resume_latest(ckpt_root, decoder, optimizer, log, ctx.is_main)
     if resumed:
         state.update(resumed)

@@ -28,6 +28,7 @@ from captioner.model.captioning_model import CaptioningModel
 from captioner.model.decoder import ShowAttendTellDecoder
 from captioner.progress import progress_bar as tqdm  # no bars when stderr is not a TTY
 from captioner.settings import cap_threads, check_folder_option
+from captioner.training.averaging import set_aside_epoch_weights
 from captioner.training.batching import CaptionSamples, build_samples, image_batches
 from captioner.training.caption_reward import CaptionReward
 from captioner.training.checkpoint import resume_latest, save_checkpoint, start_over
@@ -226,6 +227,7 @@ def train_scst(cfg: ScstConfig, restart: bool = False, log=print) -> Path:
     ckpt_root = run_dir / "checkpoints"
     if restart:
         start_over(ckpt_root, log)
+        set_aside_epoch_weights(run_dir, log)
     resumed = None if restart else resume_latest(ckpt_root, decoder, optimizer, log)
     if resumed:
         state.update(resumed)
