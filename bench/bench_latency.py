@@ -10,6 +10,10 @@ caption (attention maps included, as the CLI and the web app ask for them).
   search step (decoder_search.onnx) hidden, so beam search drives the plain step graph and
   does the log-softmax, bias and top-k in torch, with the memory expanded to the beams (the
   path before the fused step), interleaved with the others in the same run;
+- with ``--compare-detector`` (a grounded model), also the grounded path twice, interleaved
+  with the others: "grounded, no detector" (the grounding without the person/animal detector's
+  gate and short descriptions: the path before the detector) and "grounded + detector" (what
+  ``Captioner.from_pretrained`` runs now);
 - with ``--compare-int8-decoder``, also "ONNX Runtime, fp32 decoder": the ONNX path with the
   fp32 decoder graphs beside the same encoder, against ours with the int8 ones (ours is
   then built with ``precision="int8"``: the int8 encoder must exist), interleaved likewise.
@@ -102,6 +106,24 @@ def describe_model(path: Path, model) -> str:
         f"{path} - {model.encoder.name} + {d.cell.upper()} decoder (hidden {d.hidden_dim}, "
         f"vocabulary {d.vocab_size}); {trained}"
     )
+
+
+def grounded_pair(model_path: Path) -> list[tuple[str, object]]:
+    """The model's grounding as saved ("grounded + detector") and the same grounding with the
+    detector's gate and the short descriptions off ("grounded, no detector")."""
+    import copy
+    import dataclasses
+
+    from captioner.grounding.grounder import Grounder
+
+    with_detector = Grounder.from_pretrained(model_path)
+    if with_detector is None:
+        sys.exit(f"error: --compare-detector needs a grounded model; {model_path} has none")
+    without = copy.copy(with_detector)
+    without.config = dataclasses.replace(
+        with_detector.config, gate_strength=0.0, short_out_of_domain=False
+    )
+    return [("grounded + detector", with_detector), ("grounded, no detector", without)]
 
 
 class PlainStepper:
@@ -212,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also time the ONNX path without its fused search step (interleaved)",
     )
     p.add_argument(
+        "--compare-detector",
+        action="store_true",
+        help="also time the grounded path with and without the person/animal detector",
+    )
+    p.add_argument(
         "--compare-int8-decoder",
         action="store_true",
         help="ours with int8 decoder graphs, also timed with the fp32 ones (interleaved)",
@@ -274,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
         plain = Captioner(model, backend="onnx", threads=args.threads)
         plain.stepper = PlainStepper(plain.stepper)
         backends.insert(1, Backend("ONNX Runtime, plain step", plain))
+    if args.compare_detector:
+        for label, grounder in grounded_pair(model_path):
+            grounded = Captioner(model, backend="onnx", threads=args.threads, grounder=grounder)
+            backends.insert(1, Backend(label, grounded))
     if args.compare_int8_decoder:
         from captioner.model.onnx_decoder import OrtStepper, exported_decoder_dir
 

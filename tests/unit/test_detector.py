@@ -101,6 +101,8 @@ def test_dev_thresholds_are_quantiles_of_the_photos_that_show_the_class():
     out = dev_thresholds({"Person": p, "Dog": p}, {"Person": shows, "Dog": np.zeros(101)}, 0.1)
     assert out["Person"] == pytest.approx(np.quantile(p[shows], 0.1), abs=1e-4)
     assert "Dog" not in out  # no dev photo shows one: no gate
+    few = dev_thresholds({"Cat": p}, {"Cat": p > 0.9}, 0.1)  # 10 photos: too few to trust
+    assert few == {}
 
 
 def test_detector_concepts_and_merging():
@@ -257,3 +259,19 @@ def test_group_nouns_need_one_of_the_gated_classes():
     assert bias[0, 1] == 0 and bias[0, 3] < 0  # a group of dogs may be said, a man not
     assert bias[1, 1] == pytest.approx(bias[1, 4]) and bias[1, 4] < 0  # neither: the milder
     assert gate.names_gated_word([0, 1, 2], gated)
+
+
+def test_second_look_keeps_the_caption_when_the_gate_leaves_no_subject():
+    look, itos = make_second_look(person=0.05)
+    decoded = decoded_as(itos, "a man is in water")
+    described = [SimpleNamespace(out_of_domain=False, concepts=[])]
+    out, _ = look(
+        decoded,
+        described,
+        np.zeros((1, 1000)),
+        np.zeros((1, 8, 8, 3), np.uint8),
+        torch.zeros(1, len(itos)),
+        torch.zeros(1, 4, 3),
+        lambda f, b: decoded_as(itos, "a is in water"),  # word salad without "man"
+    )
+    assert out[0] is decoded[0]

@@ -3,6 +3,8 @@ save/load contract, the encoder's concept output, and a grounded Captioner end t
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -399,7 +401,13 @@ def test_ground_command_fits_and_saves_beside_a_copy(shapes_prepared, tiny_model
     assert result.exit_code == 0, result.output
     assert (out / "grounding.json").is_file() and (out / "model.safetensors").is_file()
     assert not (tiny_model_dir / "grounding.json").exists()  # the source is left alone
-    assert Grounder.from_pretrained(out).config.strength == 0.5
+    grounded = Grounder.from_pretrained(out)
+    assert grounded.config.strength == 0.5
+    # the detector ran over the dev photos; synthetic shapes show no person, dog or cat on
+    # enough of them to calibrate a threshold, so the gate stays off rather than guessing
+    gate = json.loads((out / "grounding.json").read_text())["extra"]["fit"]["detector_gate"]
+    assert gate["dev_images"] == len(shapes_prepared.splits.val) and gate["thresholds"] == {}
+    assert not grounded.config.detection_gate().active
     bad = runner.invoke(app, ["ground", str(tiny_model_dir), "--strengths", "x,1"])
     assert bad.exit_code != 0 and "Traceback" not in bad.output
 

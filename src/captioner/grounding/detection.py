@@ -31,6 +31,7 @@ from captioner.features.detector_words import GROUP_WORDS, LABEL_WORDS, display_
 GATED_LABELS = ("Person", "Dog", "Cat")
 GROUP = "group"  # the pseudo-label of GROUP_WORDS: doubted only when every gated class is
 EPSILON = 0.01
+MIN_POSITIVES = 20  # dev photos showing a class needed before its threshold is trusted
 
 
 @dataclass
@@ -106,7 +107,7 @@ def dev_thresholds(
     out = {}
     for label, p in probabilities.items():
         positive = np.asarray(p)[np.asarray(shows[label], dtype=bool)]
-        if len(positive) == 0:
-            continue  # no dev photo shows it: nothing to calibrate against, no gate
+        if len(positive) < MIN_POSITIVES:
+            continue  # too few dev photos show it to calibrate against (Flickr8k's cats): no gate
         out[label] = round(float(np.quantile(positive, quantile)), 4)
     return out

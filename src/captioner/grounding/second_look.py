@@ -24,7 +24,7 @@ from captioner.features.concepts import load_object_words
 from captioner.features.detector import DetectorOutput, ObjectDetector
 from captioner.grounding.detection import detector_concepts
 from captioner.grounding.grounder import Grounder, ImageGrounding
-from captioner.grounding.short_description import short_description
+from captioner.grounding.short_description import leading_noun, short_description
 
 DETECTOR_SIZE = 300  # the bundled detector's input (detector.json); thumbnails are made at it
 
@@ -100,7 +100,10 @@ class SecondLook:
                 rows = [looked[k] for k in redo]
                 extra = torch.from_numpy(penalty[redo]).to(word_bias.device)  # (r, V)
                 for i, d in zip(rows, decode(features[rows], word_bias[rows] + extra), strict=True):
-                    decoded[i] = d
+                    if self.reads_as_a_caption(d) or not self.reads_as_a_caption(decoded[i]):
+                        decoded[i] = d
+                    # else: with its person / dog words barred, the decoder found no other
+                    # subject ("a smiling and a camera are ..."): the caption it had stays
         seen = detector_concepts(detections, self.config.detector_min_prob)
         support = self.grounder.support(concept_logits[looked], self.itos)
         for k, i in enumerate(looked):
@@ -117,6 +120,11 @@ class SecondLook:
                     self.everyday,
                 )
         return decoded, short
+
+    def reads_as_a_caption(self, decoded) -> bool:
+        """Whether a decoded caption opens with a noun phrase that has a noun."""
+        tokens = [self.itos[t] for t in decoded.token_ids]
+        return leading_noun(tokens, self.object_words) is not None
 
     @property
     def object_words(self) -> set[str]:
