@@ -331,3 +331,60 @@ def test_decode_upload_errors_are_upload_errors():
     assert info.value.status == 422
     out = decode_upload(png("red", (1000, 10)), "wide.png", max_side=100)
     assert out.shape == (1, 100, 3) and np.all(out[..., 0] > 200)
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.closing = False
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.calls.append("write_eof")
+
+    def resume_reading(self) -> None:
+        self.calls.append("resume_reading")
+
+    def close(self) -> None:
+        self.calls.append("close")
+        self.closing = True
+
+
+def test_closing_during_an_unread_body_lingers_instead_of_resetting():
+    """A 408 answered while the client still sends its body: closing at once with its bytes
+    unread makes the kernel send a reset that can destroy the 408 (test_web_slow_uploads failed
+    about one run in ten with ConnectionResetError). Our side ends first; the body is read and
+    dropped until the client closes too, or LINGER_S."""
+    import h11
+
+    from captioner.web.server import HeaderTimeoutH11Protocol, _LingeringTransport
+
+    class Protocol:  # what _LingeringTransport reads from the protocol
+        def __init__(self, their_state) -> None:
+            self.conn = type("Conn", (), {"their_state": their_state})()
+            self.loop = asyncio.new_event_loop()
+
+    inner = FakeTransport()
+    protocol = Protocol(h11.SEND_BODY)
+    transport = _LingeringTransport(inner, protocol)  # type: ignore[arg-type]
+    transport.close()
+    assert inner.calls == ["write_eof", "resume_reading"] and transport.is_closing()
+    transport.close()  # uvicorn may close again: still lingering
+    assert inner.calls == ["write_eof", "resume_reading"]
+    shell = HeaderTimeoutH11Protocol.__new__(HeaderTimeoutH11Protocol)
+    shell.transport = transport  # type: ignore[assignment]
+    shell.data_received(b"the rest of the body")  # dropped, not parsed
+    shell.eof_received()  # the client is done: close now
+    assert inner.calls[-1] == "close"
+    protocol.loop.close()
+
+    idle = FakeTransport()  # nothing unread expected (keep-alive or header timeout): at once
+    other = Protocol(h11.IDLE)
+    _LingeringTransport(idle, other).close()  # type: ignore[arg-type]
+    assert idle.calls == ["close"]
+    other.loop.close()

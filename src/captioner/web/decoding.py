@@ -3,7 +3,8 @@
 A small PNG can claim 64 MP (2-3 s and 256 MB to decode), so the cost of a decode is read from
 the header first and counted before anything is decoded:
 
-- at most ``max_queue`` requests are decoding or waiting to decode; more get 503 at once;
+- the header is read first (cheap, outside the queue); then at most ``max_queue`` requests
+  are decoding or waiting to decode, more get 503 at once;
 - the decoded bytes (pixels x 4) are reserved in the server's upload memory budget, next to the
   compressed bytes (no room: 503);
 - a heavy decode (over ``HEAVY_PIXELS``) runs on a lane of its own, one thread, and heavy
@@ -76,14 +77,6 @@ class DecodeQueue:
     async def decode(self, data: bytes, filename: str, max_side: int) -> np.ndarray:
         """Uploaded bytes -> RGB uint8 (H, W, 3); UploadError 415/422 for a bad image, 503 when
         the queue or the memory budget is full (the caller adds Retry-After)."""
-        if self.full:
-            self._rejected += 1
-            raise UploadError(
-                503,
-                f"server busy: {self._backlog} uploads are already waiting to be decoded, "
-                "try again shortly",
-            )
-        self._backlog += 1
         task = asyncio.ensure_future(self._decode(data, filename, max_side))
         self._tasks.add(task)
         task.add_done_callback(self._finished)
@@ -92,12 +85,13 @@ class DecodeQueue:
 
     def _finished(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
-        self._backlog -= 1
         if not task.cancelled():
             task.exception()  # retrieved: an abandoned request's error is not logged as lost
 
     async def _decode(self, data: bytes, filename: str, max_side: int) -> np.ndarray:
         loop = asyncio.get_running_loop()
+        # The header is read first (cheap), outside the queue: a bomb that is refused for its
+        # size never takes a place that an ordinary photo could have.
         image = await loop.run_in_executor(self._pool, probe_upload, data, filename, max_side)
         try:
             cost = decode_cost(image)
@@ -106,6 +100,7 @@ class DecodeQueue:
         except BaseException:
             image.close()
             raise
+        self._backlog += 1
         self.budget.bytes_in_use += cost
         if heavy:
             self._heavy += 1
@@ -114,6 +109,7 @@ class DecodeQueue:
             pool = self._heavy_pool if heavy else self._pool
             return await loop.run_in_executor(pool, decode_probed, image, filename, max_side)
         finally:
+            self._backlog -= 1
             self.budget.give_back(cost)
             if heavy:
                 self._heavy -= 1
@@ -121,6 +117,13 @@ class DecodeQueue:
 
     def _check_room(self, cost: int, heavy: bool, filename: str) -> None:
         """UploadError 422 when this decode could never fit, 503 when it does not fit now."""
+        if self.full:
+            self._rejected += 1
+            raise UploadError(
+                503,
+                f"server busy: {self._backlog} uploads are already waiting to be decoded, "
+                "try again shortly",
+            )
         limit = self.heavy_capacity if heavy else self.budget.capacity_bytes
         if cost > limit:
             raise UploadError(
