@@ -506,6 +506,16 @@ def test_max_side_decodes_reduced_and_keeps_orientation(tmp_path, monkeypatch):
     out = load_image(buf.getvalue(), max_side=16)
     check_rgb(out, 16, 16)
     assert np.abs(out.astype(int) - (200, 0, 0)).max() <= 2
+    buf = io.BytesIO()
+    palette.save(buf, "GIF", transparency=3)  # all transparent: white, as at full size
+    check_rgb(load_image(buf.getvalue(), max_side=16), 16, 16)
+    assert (load_image(buf.getvalue(), max_side=16) == 255).all()
+    ramp = (np.arange(40 * 80).reshape(40, 80) * 20).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, "PNG")  # 16-bit grey: still scaled to the full range
+    out = load_image(buf.getvalue(), max_side=40)
+    check_rgb(out, 20, 40)
+    assert out.min() == 0 and out.max() == 255
 
 
 def test_custom_name_is_used_in_errors(tmp_path):

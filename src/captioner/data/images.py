@@ -169,8 +169,7 @@ def decode_image(image: Image.Image, name: str, max_side: int | None = None) -> 
         image.load()  # decode now, so truncation is found here and not later
         method = _transpose_method(image)  # before a resize drops the TIFF tags
         if max_side is not None and max(image.size) > max_side:
-            if image.mode not in _RESAMPLABLE:
-                image = _flatten(image)
+            image = _resamplable(image)
             image = image.resize(_fit(image.size, max_side), Image.BICUBIC, reducing_gap=3.0)
         image = _flatten(image)
         if method is not None:
@@ -178,7 +177,7 @@ def decode_image(image: Image.Image, name: str, max_side: int | None = None) -> 
         return np.asarray(image, dtype=np.uint8)
 
 
-_RESAMPLABLE = ("RGB", "RGBA", "L", "LA", "CMYK")
+_RESAMPLABLE = ("RGB", "RGBA", "L", "LA", "CMYK", "I", "F")
 _ORIENTATIONS = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
     3: Image.Transpose.ROTATE_180,
@@ -195,6 +194,22 @@ def _transpose_method(image: Image.Image) -> Image.Transpose | None:
         return _ORIENTATIONS.get(image.getexif().get(0x0112))
     except Exception:  # a broken EXIF block must not lose the picture
         return None
+
+
+def _resamplable(image: Image.Image) -> Image.Image:
+    """A mode that resizes by averaging (a palette's indices cannot be averaged), converted at
+    most once at full size and at no more than 4 bytes a pixel."""
+    if image.mode in _RESAMPLABLE:
+        return image
+    if image.mode == "P":
+        return image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode == "PA":
+        return image.convert("RGBA")
+    if image.mode == "1":
+        return image.convert("L")
+    if image.mode.startswith("I;16"):
+        return image.convert("I")
+    return image.convert("RGB")
 
 
 def _flatten(image: Image.Image) -> Image.Image:
@@ -237,7 +252,11 @@ def load_image(
         with _as_image_error(name):
             return np.asarray(to_rgb(source), dtype=np.uint8)
     name = name or ("upload" if isinstance(source, bytes) else str(Path(source)))
-    return decode_image(open_image(source, name, max_side), name, max_side)
+    image = open_image(source, name, max_side)
+    try:
+        return decode_image(image, name, max_side)
+    finally:
+        image.close()  # the file now, not when the garbage collector gets to it
 
 
 def array_to_rgb(array: np.ndarray, name: str = "array") -> np.ndarray:
