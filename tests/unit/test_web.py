@@ -642,6 +642,7 @@ def test_register_adds_serve_command():
         "--batch-window-ms",
         "--max-queue",
         "--workers",
+        "--header-timeout",
     ):
         assert option in result.output
     bad = CliRunner().invoke(app, ["serve", "--max-batch-size", "0"])
