@@ -155,6 +155,7 @@ class CountingDetector:
 
 def make_second_look(person: float, short: bool = True):
     itos = ["<pad>", "<start>", "<end>", "<unk>", "a", "man", "dog", "is", "in", "water", "bird"]
+    itos += ["with"]
     config = GroundingConfig(person_threshold=0.3, gate_strength=6.0, short_out_of_domain=short)
     grounder = SimpleNamespace(
         config=config,

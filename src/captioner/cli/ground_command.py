@@ -10,7 +10,8 @@ import typer
 from captioner.cli.common import friendly_errors
 
 # the bundled model's gate strength, chosen on Flickr8k dev (docs/GROUNDING.md)
-GATE_STRENGTH = 6.0
+GATE_STRENGTH = 10.0
+GATE_QUANTILE = 0.10
 
 
 def _strengths(text: str) -> list[float]:
@@ -53,7 +54,7 @@ def ground_cmd(
         "(nats per unit log ratio; 0 = no detector gate); the bundle's value was chosen on dev",
     ),
     gate_quantile: float = typer.Option(
-        0.05,
+        GATE_QUANTILE,
         "--gate-quantile",
         min=0.0,
         max=0.5,

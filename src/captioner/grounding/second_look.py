@@ -107,10 +107,8 @@ class SecondLook:
         seen = detector_concepts(detections, self.config.detector_min_prob)
         support = self.grounder.support(concept_logits[looked], self.itos)
         for k, i in enumerate(looked):
-            if not outside[i]:
-                continue
             described[i].concepts = merged_concepts(described[i].concepts, seen[k])
-            if self.config.short_out_of_domain:
+            if outside[i] and self.config.short_out_of_domain:
                 tokens = [self.itos[t] for t in decoded[i].token_ids]
                 short[i] = short_description(
                     tokens,

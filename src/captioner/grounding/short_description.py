@@ -25,17 +25,26 @@ MIN_SUPPORT = 0.1  # concept probability a decoder noun needs to be trusted as t
 RARE_WORD_WEIGHT = 0.5  # a concept word outside the model's vocabulary counts half
 
 
+def leading_phrase(tokens: Sequence[str], object_words: set[str]) -> list[str]:
+    """A caption's leading noun phrase up to its head noun ("a white fish is ..." -> ["a",
+    "white", "fish"]); [] when the caption starts without one ("a is is on ...")."""
+    for n, token in enumerate(tokens[:LEADING_WINDOW]):
+        if token in PHRASE_BREAKERS and token != "and":
+            return []
+        if token in object_words:
+            return list(tokens[: n + 1])
+    return []
+
+
 def leading_noun(tokens: Sequence[str], object_words: set[str]) -> str | None:
     """The head noun of a caption's leading noun phrase ("a white fish is ..." -> "fish"),
-    singular when its singular is an object word too; None when the caption starts without
-    one ("a is is on ...")."""
-    for token in tokens[:LEADING_WINDOW]:
-        if token in PHRASE_BREAKERS and token != "and":
-            return None
-        if token in object_words:
-            singular = sorted(s for s in _singulars(token) if s in object_words and s != token)
-            return singular[0] if singular and token.endswith("s") else token
-    return None
+    singular when its singular is an object word too; None when there is none."""
+    phrase = leading_phrase(tokens, object_words)
+    if not phrase:
+        return None
+    token = phrase[-1]
+    singular = sorted(s for s in _singulars(token) if s in object_words and s != token)
+    return singular[0] if singular and token.endswith("s") else token
 
 
 def with_article(noun: str) -> list[str]:
