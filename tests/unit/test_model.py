@@ -411,6 +411,9 @@ def test_from_pretrained_corrupt_config(saved_model, tmp_path):
         (lambda c: c["decoder"].update(cell="gru"), CheckpointError, "do not match"),
         (lambda c: c["decoder"].update(depth=3), ConfigError, "unknown decoder config keys"),
         (lambda c: c["decoder"].update(dropout=1.5), ConfigError, "dropout"),
+        # a grid that is not the encoder's loaded, then failed in ONNX Runtime at the first caption
+        (lambda c: c["decoder"].update(num_pixels=50), CheckpointError, "num_pixels 50, "),
+        (lambda c: c["decoder"].update(feature_dim=64), CheckpointError, "feature_dim 64, "),
     ],
 )
 def test_from_pretrained_incompatible_config(saved_model, tmp_path, edit, error, match):

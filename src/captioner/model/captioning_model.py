@@ -105,6 +105,17 @@ class CaptioningModel:
                 f"{path}: saved encoder settings {config['encoder']} differ from this version's "
                 f"{encoder.to_json()}"
             )
+        # the decoder's grid must be the encoder's: a mismatch loads, then fails at the first
+        # caption (ONNX Runtime INVALID_ARGUMENT), so it is refused here
+        if (decoder_config.num_pixels, decoder_config.feature_dim) != (
+            encoder.num_pixels,
+            encoder.channels,
+        ):
+            raise CheckpointError(
+                f"{path / CONFIG_FILE}: decoder expects num_pixels {decoder_config.num_pixels}, "
+                f"feature_dim {decoder_config.feature_dim}, but encoder {encoder.name} gives "
+                f"num_pixels {encoder.num_pixels}, feature_dim {encoder.channels}"
+            )
         decoder = ShowAttendTellDecoder(decoder_config)
         try:
             state = load_file(str(path / WEIGHTS_FILE), device=device)
