@@ -13,6 +13,7 @@ from captioner.cli.common import friendly_errors
 from captioner.devices import resolve_device
 from captioner.errors import ConfigError
 from captioner.features.quantize import DEFAULT_PRECISION, check_precision
+from captioner.settings import cap_threads
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,9 @@ def serve(
     from captioner.web.app import ServeSettings, create_app
     from captioner.web.server import uvicorn_config
 
+    # more threads than cores only contend (the probe's 999 ran 250x slower): the excess goes
+    workers = cap_threads(workers, "--workers", log=_note)
+    decode_threads = cap_threads(decode_threads, "--decode-threads", log=_note)
     settings = ServeSettings(
         max_upload_mb=max_upload_mb,
         max_batch_size=max_batch_size,
@@ -92,6 +96,10 @@ def serve(
         raise error
     if not server.started:
         raise RuntimeError(f"the server did not start on {host}:{port} (see the log above)")
+
+
+def _note(message: str) -> None:
+    typer.echo(message, err=True)
 
 
 def check_port(host: str, port: int) -> None:
