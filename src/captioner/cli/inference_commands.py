@@ -18,6 +18,7 @@ from captioner.cli.export_command import check_parity, export_cmd, export_onnx
 from captioner.cli.inference_options import (
     BACKEND_HELP,
     DEVICE_HELP,
+    EVALUATE_PRECISION_HELP,
     GROUNDING_OPTION,
     LENGTH_PENALTY_OPTION,
     NO_REPEAT_HELP,
@@ -158,9 +159,7 @@ def evaluate_cmd(
     backend: str = typer.Option("auto", help=BACKEND_HELP),
     precision: str = typer.Option(
         DEFAULT_PRECISION,
-        help="encoder: fp32 (feature cache when complete), int8 (encodes every image; "
-        "calibrated on the work dir's training split if there is no int8 encoder yet) or auto "
-        "(fp32 for now: int8 is over the quality bar for the bundled model)",
+        help=EVALUATE_PRECISION_HELP,
     ),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     grounding: bool = GROUNDING_OPTION,

@@ -8,9 +8,16 @@ WORK_DIR_HELP = "prepared work dir (from `captioner prepare`)"
 BACKEND_HELP = "auto (ONNX Runtime, else PyTorch), onnx or torch"
 NO_REPEAT_HELP = "never repeat an n-gram of this size in a caption (0 = off); default: the model's"
 DEVICE_HELP = "auto (a CUDA GPU if visible), cpu or cuda (PyTorch on the GPU; ONNX is CPU only)"
+# one text for every command with --precision (caption, predict, evaluate, serve); the
+# measurements behind it are in docs/BENCHMARKS.md ("int8 on the Flickr8k test split")
 PRECISION_HELP = (
-    "encoder: fp32, int8 (made by `captioner export --precision int8`) or auto (fp32 for now: "
-    "int8 is within the quality bar on the bundled model's test split, not yet on dev)"
+    "encoder (and decoder graphs): fp32, int8 (opt-in and faster; made by `captioner export "
+    "--precision int8`) or auto (fp32 for now: on the bundled model int8 stays inside the "
+    "quality bar on the Flickr8k test split but not on dev; docs/BENCHMARKS.md)"
+)
+EVALUATE_PRECISION_HELP = (
+    "fp32 reads the feature cache when complete; int8 encodes every image (calibrated on the "
+    "work dir's training split if there is no int8 encoder yet). " + PRECISION_HELP
 )
 
 

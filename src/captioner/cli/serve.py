@@ -10,6 +10,7 @@ import socket
 import typer
 
 from captioner.cli.common import friendly_errors
+from captioner.cli.inference_options import PRECISION_HELP
 from captioner.devices import resolve_device
 from captioner.errors import ConfigError
 from captioner.features.quantize import DEFAULT_PRECISION, check_precision
@@ -196,11 +197,7 @@ def register(app: typer.Typer) -> None:
             max=600,
             help="Seconds a request's headers may take to arrive (slower: connection closed).",
         ),
-        precision: str = typer.Option(
-            DEFAULT_PRECISION,
-            help="Encoder: fp32, int8 (made by `captioner export --precision int8`) or auto "
-            "(fp32 for now: int8 is over the quality bar for the bundled model).",
-        ),
+        precision: str = typer.Option(DEFAULT_PRECISION, help=PRECISION_HELP),
         device: str = typer.Option(
             "auto",
             help="auto (a CUDA GPU if visible), cpu or cuda (PyTorch on the GPU; ONNX is CPU "
