@@ -86,6 +86,40 @@ def test_caption_batch_captions_images_and_bytes_and_reports_bad_rows(tiny_model
     assert json.loads(out["concepts"][1]) == []
 
 
+def test_ray_rows_write_the_bulk_record_shape(tmp_path):
+    """Without Ray: a row as CaptionBatch builds it, written by the --ray JSONL output, is the
+    record single-machine bulk captioning writes ({"path"}, concepts as {"word",
+    "probability"}); the rows said [word, p] pairs before."""
+    from captioner.api import CaptionResult
+    from captioner.bulk.writers import result_record
+    from captioner.distributed.ray_data import COLUMNS, _add_row, as_columns
+    from captioner.distributed.ray_output import JsonlOutput, concepts_json, parse_concepts
+
+    result = CaptionResult(
+        caption="a dog runs",
+        tokens=["a", "dog", "runs"],
+        score=-0.51234,
+        attention=None,
+        concepts=[("dog", 0.912345), ("grass", float("nan"))],
+        in_domain=0.25,
+        out_of_domain=False,
+    )
+    rows = {k: [] for k in COLUMNS}
+    _add_row(rows, "/photos/a.png", result)
+    _add_row(rows, "/photos/b.png", "/photos/b.png: not an image")
+    expected = [{"word": "dog", "probability": 0.9123}, {"word": "grass", "probability": 0.0}]
+    assert json.loads(rows["concepts"][0]) == expected and rows["concepts"][1] == "[]"
+    assert parse_concepts(concepts_json(result.concepts)) == [("dog", 0.9123), ("grass", 0.0)]
+
+    out = tmp_path / "captions.jsonl"
+    writer = JsonlOutput(out, overwrite=False)
+    assert writer.write(as_columns(rows)) == 1  # the unreadable image is reported, not written
+    writer.close()
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert record == result_record("/photos/a.png", result)
+    assert record["path"] == "/photos/a.png" and record["concepts"] == expected
+
+
 @pytest.mark.slow
 def test_two_actors_caption_every_image_once_then_resume(cluster, tiny_model_dir, photos, tmp_path):
     """`caption --ray` on the running cluster: JSONL, the broken photo reported, a rerun resumes."""
@@ -142,7 +176,7 @@ def test_parquet_output_columns_nulls_and_all_or_nothing(tmp_path):
         "path": np.array(["/a.png", "/b.png", "/c.png"], dtype=object),
         "caption": np.array(["a dog", "", "a cat"], dtype=object),
         "score": np.array([-0.51234, np.nan, -0.7]),
-        "concepts": np.array(['[["dog", 0.9]]', "[]", "[]"], dtype=object),
+        "concepts": np.array(['[{"word": "dog", "probability": 0.9}]', "[]", "[]"], dtype=object),
         "in_domain": np.array([0.25, np.nan, np.nan]),
         "out_of_domain": np.array([False, False, False]),
         "error": np.array(["", "/b.png: not an image", ""], dtype=object),
@@ -164,7 +198,7 @@ def test_parquet_output_columns_nulls_and_all_or_nothing(tmp_path):
             "path": "/a.png",
             "caption": "a dog",
             "score": -0.5123,
-            "concepts": '[["dog", 0.9]]',
+            "concepts": '[{"word": "dog", "probability": 0.9}]',
             "in_domain": 0.25,
             "out_of_domain": False,
         },

@@ -18,7 +18,6 @@ runner says how to install it.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -28,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from captioner.distributed.ray_output import concepts_json
 from captioner.errors import CaptionerError, ConfigError, ImageLoadError
 from captioner.features.quantize import DEFAULT_PRECISION
 
@@ -103,15 +103,20 @@ class CaptionBatch:
         for i, path in enumerate(paths):
             result = by_row.get(i, errors.get(i))
             _add_row(rows, path, result)
-        return {
-            "path": np.array(rows["path"], dtype=object),
-            "caption": np.array(rows["caption"], dtype=object),
-            "score": np.array(rows["score"], dtype=np.float64),
-            "concepts": np.array(rows["concepts"], dtype=object),
-            "in_domain": np.array(rows["in_domain"], dtype=np.float64),  # NaN: no grounding
-            "out_of_domain": np.array(rows["out_of_domain"], dtype=bool),
-            "error": np.array(rows["error"], dtype=object),  # "" when captioned
-        }
+        return as_columns(rows)
+
+
+def as_columns(rows: dict[str, list]) -> dict[str, np.ndarray]:
+    """``_add_row``'s lists as the typed numpy columns Ray carries (``COLUMNS``)."""
+    return {
+        "path": np.array(rows["path"], dtype=object),
+        "caption": np.array(rows["caption"], dtype=object),
+        "score": np.array(rows["score"], dtype=np.float64),
+        "concepts": np.array(rows["concepts"], dtype=object),
+        "in_domain": np.array(rows["in_domain"], dtype=np.float64),  # NaN: no grounding
+        "out_of_domain": np.array(rows["out_of_domain"], dtype=bool),
+        "error": np.array(rows["error"], dtype=object),  # "" when captioned
+    }
 
 
 def _load(source: Any, name: str) -> np.ndarray:
@@ -126,12 +131,11 @@ def _add_row(rows: dict[str, list], path: str, result: Any) -> None:
     if isinstance(result, str) or result is None:
         values = ("", float("nan"), "[]", float("nan"), False, result or "not captioned")
     else:
-        concepts = [[word, round(float(p), 4)] for word, p in result.concepts]
         in_domain = float("nan") if result.in_domain is None else float(result.in_domain)
         values = (
             result.caption,
             float(result.score),
-            json.dumps(concepts, ensure_ascii=False),
+            concepts_json(result.concepts),
             in_domain,
             bool(result.out_of_domain),
             "",

@@ -1,16 +1,20 @@
 """Where ``caption --ray`` writes: caption rows streamed back from the cluster to one file on
 the driver (captions are small: a million of them is ~200 MB of JSONL).
 
-- jsonl: the single-machine layout (bulk_writers.AppendFile: one ``{"image": ...}`` record
+- jsonl: the single-machine layout (bulk.writers.AppendFile: one ``{"path": ...}`` record
   per line, appended and fsynced per batch), so an interrupted run resumes where it stopped.
 - parquet: columns path, caption, score, concepts (JSON text), in_domain, out_of_domain,
   written to a temporary file and moved into place at the end: a failed run leaves nothing.
+
+Concepts are ``{"word": ..., "probability": ...}`` objects in both, as in every other output
+(bulk/writers.py, the REST API).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
@@ -29,6 +33,21 @@ class Output(Protocol):
     def finish(self) -> None: ...
 
     def close(self) -> None: ...
+
+
+def concepts_json(concepts: Iterable[tuple[str, float]]) -> str:
+    """The concepts column: JSON text of ``{"word", "probability"}`` objects (4 decimals; a
+    non-finite probability as 0.0, as bulk/writers.py writes it)."""
+    objects = []
+    for word, p in concepts:
+        p = float(p)
+        objects.append({"word": str(word), "probability": round(p, 4) if math.isfinite(p) else 0.0})
+    return json.dumps(objects, ensure_ascii=False)
+
+
+def parse_concepts(text: str) -> list[tuple[str, float]]:
+    """``concepts_json``'s text back to (word, probability) pairs."""
+    return [(str(c["word"]), float(c["probability"])) for c in json.loads(text)]
 
 
 def _ok_rows(batch: dict[str, np.ndarray]) -> list[int]:
@@ -63,7 +82,7 @@ class JsonlOutput:
                 tokens=str(batch["caption"][i]).split(),
                 score=float(batch["score"][i]),
                 attention=None,
-                concepts=[(w, p) for w, p in json.loads(str(batch["concepts"][i]))],
+                concepts=parse_concepts(str(batch["concepts"][i])),
                 in_domain=in_domain,
                 out_of_domain=bool(batch["out_of_domain"][i]) and in_domain is not None,
             )
@@ -107,7 +126,7 @@ class ParquetOutput:
                 ("path", pa.string()),
                 ("caption", pa.string()),
                 ("score", pa.float64()),
-                ("concepts", pa.string()),  # JSON: [["dog", 0.91], ...]
+                ("concepts", pa.string()),  # JSON: [{"word": "dog", "probability": 0.91}, ...]
                 ("in_domain", pa.float64()),  # null: the model has no grounding
                 ("out_of_domain", pa.bool_()),
             ]
