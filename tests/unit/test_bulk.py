@@ -169,6 +169,24 @@ def test_sidecar_txt_beside_each_image_and_resume(photos):
     assert caption_bulk(redo, [str(photos)], Sidecars(overwrite=True)).captioned == 5
 
 
+def test_tiff_photos_are_captioned_like_the_rest(tmp_path):
+    """The loader and REST take TIFF; a bulk run over a folder skipped .tif/.tiff before."""
+    from captioner.bulk import inputs
+    from captioner.data import image_source
+
+    assert inputs.IMAGE_SUFFIXES is image_source.IMAGE_SUFFIXES  # one list, in the data layer
+    root = tmp_path / "scans"
+    make_image(root / "a.tif", 1)
+    make_image(root / "b.TIFF", 2)
+    make_image(root / "c.png", 3)
+    out = tmp_path / "captions.jsonl"
+    _, stats = run_jsonl(root, out)
+    records = read_jsonl(out)
+    assert [r["path"].removeprefix(f"{root}/") for r in records] == ["a.tif", "b.TIFF", "c.png"]
+    assert [r["caption"] for r in records] == ["red 1", "red 2", "red 3"]
+    assert (stats.captioned, stats.failed) == (3, 0)
+
+
 def test_unreadable_images_are_reported_counted_and_skipped(photos, tmp_path):
     (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     listing = tmp_path / "list.txt"

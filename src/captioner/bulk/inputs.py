@@ -20,10 +20,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from captioner.data.image_source import IMAGE_SUFFIXES
 from captioner.data.webdataset_source import MAX_MEMBER_BYTES
 from captioner.errors import ImageLoadError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
 SHARD_SUFFIX = ".tar"
 
 

@@ -15,7 +15,11 @@ from typing import Protocol, runtime_checkable
 
 from PIL import Image
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+# The image files the project reads, defined once: the formats load_image decodes and the REST
+# API accepts (JPEG, PNG, WebP, BMP, GIF, TIFF). Bulk captioning (bulk/inputs.py), prepare's
+# folder layouts (data/manifests.py) and int8 calibration (features/quantize.py) all list
+# files by it. (WebDataset shards keep their own member keys: data/webdataset_source.py.)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 @runtime_checkable
