@@ -13,13 +13,9 @@ import shutil
 import pytest
 
 from captioner.errors import CaptionerError, DataError
-from captioner.evaluation import metrics
-from captioner.evaluation.metrics import (
-    METRIC_NAMES,
-    format_scores,
-    ptb_like_tokenize,
-    score_captions,
-)
+from captioner.evaluation import metrics, ptb_tokenizer
+from captioner.evaluation.metrics import METRIC_NAMES, format_scores, score_captions
+from captioner.evaluation.ptb_tokenizer import ptb_like_tokenize
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="needs java on PATH")
 
@@ -143,14 +139,14 @@ def test_bad_input_raises_data_error(references: dict, predictions: dict) -> Non
 def test_auto_mode_without_java_reports_meteor_unavailable(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
+    monkeypatch.setattr(ptb_tokenizer.shutil, "which", lambda name: None)
     scores = score_captions(REFS, GOOD)
     assert scores["METEOR"] is None
     assert scores == score_captions(REFS, GOOD, use_java=False)
 
 
 def test_require_java_without_java_raises(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
+    monkeypatch.setattr(ptb_tokenizer.shutil, "which", lambda name: None)
     with pytest.raises(CaptionerError, match="java"):
         score_captions(REFS, GOOD, use_java=True)
 
@@ -209,7 +205,7 @@ def test_python_tokenizer_matches_java_tokenizer() -> None:
         "A dog (a lab) runs at 3.5 mph past 1,000 people in the U.S.A.",
         "We cannot see the 1950s AT&T 4x4 car at 5:30pm -- or can we...",
     ]
-    java = metrics._tokenize_java({i: [c] for i, c in enumerate(captions)})
+    java = ptb_tokenizer.tokenize_java({i: [c] for i, c in enumerate(captions)})
     for i, caption in enumerate(captions):
         assert ptb_like_tokenize(caption) == java[i][0], caption
 
