@@ -42,11 +42,11 @@ INT8_ENCODER_BY_DEFAULT = False
 # beam 3, images encoded) fp32 is BLEU-4 24.30 / CIDEr-D 61.12, the int8 encoder with the fp32
 # decoder 23.99 / 61.16, int8 encoder + int8 decoder 23.86 / 61.13: 0.44 BLEU-4 below fp32, over
 # the 0.3 bar (the decoder's own share is 0.13 BLEU-4, 0.03 CIDEr-D; 38 of 1000 captions change).
-# With bigram blocking on (the bundle's default since): fp32 24.28 / 61.15, int8 throughout
-# 23.98 / 61.39, -0.29998 BLEU-4: on the bar to the fourth decimal and under the project's
-# BLEU-4 target of 24, so still not the default (README, "Benchmarks"). With the rank-128
-# feature detector (the bundle that ships): test fp32 24.09 / 61.19, int8 throughout 24.00 /
-# 61.53, inside the bar; on the dev split, asked for as a second sample first, 22.46 / 57.87
+# With bigram blocking on (the bundle's default since): fp32 24.28 / 61.15, int8 throughout 23.98 /
+# 61.39, -0.29998 BLEU-4: on the bar to the fourth decimal and under the project's BLEU-4 target of
+# 24, so still not the default (docs/BENCHMARKS.md, "int8 on the Flickr8k test split"). With the
+# rank-128 feature detector (the bundle that ships): test fp32 24.09 / 61.19, int8 throughout 24.00
+# / 61.53, inside the bar; on the dev split, asked for as a second sample first, 22.46 / 57.87
 # against 22.46 / 57.34: -0.53 CIDEr-D, outside it. Kept opt-in until both splits clear it
 INT8_DECODER_BY_DEFAULT = False
 # Other recipes, tried on the val split (1000 images, grounded bundle, fp32 decoder; never on
