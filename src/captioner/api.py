@@ -9,9 +9,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,59 +24,12 @@ from captioner.grounding.domain import pooled
 from captioner.grounding.grounder import Grounder, word_groups
 from captioner.grounding.second_look import SecondLook
 from captioner.model.captioning_model import CaptioningModel
+from captioner.pretrained_paths import bundled_model_dir, resolve_model_path
+from captioner.result import CaptionResult
 
-DEFAULT_MODEL = "flickr8k"
+__all__ = ["Captioner", "CaptionResult", "bundled_model_dir", "resolve_model_path"]
+
 BACKENDS = ("auto", "onnx", "torch")
-
-
-@dataclass
-class CaptionResult:
-    caption: str  # "a dog runs through the snow"
-    tokens: list[str]  # the words, without <start>/<end>
-    score: float  # length-normalised log-probability of the best beam
-    attention: np.ndarray | None  # (len(tokens), grid, grid) float32, each map sums to 1
-    alternatives: list[tuple[str, float]] = field(default_factory=list)  # all beams, best first
-    # what the encoder's ImageNet head sees, as everyday words: [("cat", 0.95), ...]
-    concepts: list[tuple[str, float]] = field(default_factory=list)
-    # share of held-out training photos at least as unusual (None: the model has no grounding)
-    in_domain: float | None = None
-    out_of_domain: bool = False  # in_domain below the model's threshold: may well be wrong
-    # the caption is a short description ("a cat"): out of domain, the evidence supports no
-    # full sentence (the decoder's sentence is then the first of ``alternatives``)
-    short: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        """The result as plain JSON types, in the field names every output uses."""
-        return {
-            "caption": self.caption,
-            "tokens": list(self.tokens),
-            "score": self.score,
-            "short": self.short,
-            "concepts": [{"word": w, "probability": round(float(p), 4)} for w, p in self.concepts],
-            "in_domain": self.in_domain,
-            "out_of_domain": self.out_of_domain,
-            "alternatives": [{"caption": c, "score": s} for c, s in self.alternatives],
-        }
-
-
-def bundled_model_dir(name: str = DEFAULT_MODEL) -> Path:
-    """The model shipped inside the package (no download)."""
-    return Path(str(resources.files("captioner") / "pretrained" / name))
-
-
-def resolve_model_path(path: str | os.PathLike | None) -> Path:
-    if path is None or str(path) in ("", "default", DEFAULT_MODEL):
-        path = bundled_model_dir()
-        if not (path / "config.json").is_file():
-            raise CheckpointError(
-                f"the bundled model is missing from {path}; reinstall captioner "
-                "or pass a model directory"
-            )
-        return path
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"model directory not found: {path}")
-    return path
 
 
 @contextmanager

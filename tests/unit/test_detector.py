@@ -159,7 +159,9 @@ def make_second_look(person: float, short: bool = True):
     config = GroundingConfig(person_threshold=0.3, gate_strength=6.0, short_out_of_domain=short)
     grounder = SimpleNamespace(
         config=config,
-        support=lambda logits, itos: [{"bird": 0.5} for _ in range(len(logits))],
+        support=lambda logits, itos: [{"bird": 0.5, "water": 0.0} for _ in range(len(logits))],
+        word_ids=np.array([itos.index("bird"), itos.index("water")]),
+        lexicon=np.array([[1, 0], [1, 0], [0, 1]], np.float32),  # (classes, words)
     )
     look = SecondLook(grounder, itos)
     look._detector = CountingDetector(person)
@@ -225,8 +227,13 @@ def test_second_look_describes_out_of_domain_photos_briefly():
         torch.zeros(1, 4, 3),
         lambda f, b: decoded,
     )
-    assert short == [["a", "bird"]]
-    assert described[0].concepts[0] == ("person", 0.9)  # the detector's classes join them
+    # the decoder's own noun, backed by the concepts; the detector's classes join the concepts
+    assert short == [["a", "bird"]] and described[0].concepts[0] == ("person", 0.9)
+    salad = decoded_as(itos, "a is in water")
+    described = [SimpleNamespace(out_of_domain=True, concepts=[("parrot", 0.4)])]
+    args = (np.zeros((1, 1000)), np.zeros((1, 8, 8, 3), np.uint8), torch.zeros(1, len(itos)))
+    _, short = look(salad, described, *args, torch.zeros(1, 4, 3), lambda f, b: salad)
+    assert short == [["a", "person"]]  # no noun to keep: the sure detector class names it
     look_off, _ = make_second_look(person=0.9, short=False)
     look_off._detector = CountingDetector(0.9)
     _, short = look_off(
@@ -239,6 +246,20 @@ def test_second_look_describes_out_of_domain_photos_briefly():
         lambda f, b: decoded,
     )
     assert short == [None]
+
+
+def test_short_description_hedges_to_a_word_more_likely_right_than_wrong():
+    unsure = [("daisy", 0.3), ("bee", 0.1)]
+    hedges = [("flower", 0.6, 5), ("plant", 0.8, 40), ("daisy", 0.3, 1)]
+    chosen = short_description(["a", "is"], unsure, OBJECT_WORDS, lambda w: 0.0, set(), hedges)
+    assert chosen == ["a", "flower"]  # the most specific word at >= 0.5
+    sure = [("daisy", 0.7)]
+    assert short_description([], sure, OBJECT_WORDS, lambda w: 0.0, set(), hedges) == ["a", "daisy"]
+    nothing_likely = [("flower", 0.4, 5)]
+    assert short_description([], unsure, OBJECT_WORDS, lambda w: 0.0, set(), nothing_likely) == [
+        "a",
+        "daisy",
+    ]
 
 
 def test_short_description_prefers_everyday_words():
@@ -276,3 +297,15 @@ def test_second_look_keeps_the_caption_when_the_gate_leaves_no_subject():
         lambda f, b: decoded_as(itos, "a is in water"),  # word salad without "man"
     )
     assert out[0] is decoded[0]
+
+
+def test_second_look_describes_a_caption_without_a_subject_briefly_in_domain_too():
+    look, itos = make_second_look(person=0.9)
+    salad = decoded_as(itos, "a is in water")
+    described = [SimpleNamespace(out_of_domain=False, concepts=[("parrot", 0.7)])]
+    args = (np.zeros((1, 1000)), np.zeros((1, 8, 8, 3), np.uint8), torch.zeros(1, len(itos)))
+    _, short = look(salad, described, *args, torch.zeros(1, 4, 3), lambda f, b: salad)
+    assert short == [["a", "person"]]  # the sure detector class beats the parrot's 0.7
+    fine = decoded_as(itos, "a bird is in water")
+    _, short = look(fine, described, *args, torch.zeros(1, 4, 3), lambda f, b: fine)
+    assert short == [None]

@@ -6,7 +6,8 @@ Two things can change (see :mod:`captioner.grounding.detection` and
 - a caption that names a person, a dog or a cat the detector doubts is decoded again with the
   gate's penalty added to the word bias;
 - an out-of-domain photo gets the detector's classes among its concepts and, when the grounding
-  asks for it, a short description instead of its sentence.
+  asks for it, a short description instead of its sentence; so does a caption that opens
+  without a subject noun, in domain too.
 
 Every other photo keeps the caption it was decoded with, and the detector never runs on it, so
 a photo whose caption names no gated word costs nothing more.
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from captioner.features.concepts import load_object_words
+from captioner.features.concepts import _singulars, load_object_words
 from captioner.features.detector import DetectorOutput, ObjectDetector
 from captioner.grounding.detection import detector_concepts
 from captioner.grounding.grounder import Grounder, ImageGrounding
@@ -40,6 +41,7 @@ class SecondLook:
         self.threads = threads
         self._detector: ObjectDetector | None = None
         self._object_words: set[str] | None = None
+        self._class_counts: dict[str, int] | None = None
 
     @property
     def wanted(self) -> bool:
@@ -83,7 +85,12 @@ class SecondLook:
             self.gate.active and self.gate.names_gated_word(d.token_ids, self.gated)
             for d in decoded
         ]
-        looked = [i for i in range(len(decoded)) if outside[i] or gated[i]]
+        # a caption that opens without a subject ("a blue is is in the blue") is no sentence,
+        # in domain or out: it gets the short description too
+        salad = [
+            self.config.short_out_of_domain and not self.reads_as_a_caption(d) for d in decoded
+        ]
+        looked = [i for i in range(len(decoded)) if outside[i] or gated[i] or salad[i]]
         if not looked:
             return decoded, short
         probs = self.detector(list(detector_images[looked])).probabilities  # (n, L)
@@ -108,7 +115,9 @@ class SecondLook:
         support = self.grounder.support(concept_logits[looked], self.itos)
         for k, i in enumerate(looked):
             described[i].concepts = merged_concepts(described[i].concepts, seen[k])
-            if outside[i] and self.config.short_out_of_domain:
+            if (outside[i] and self.config.short_out_of_domain) or (
+                salad[i] and not self.reads_as_a_caption(decoded[i])
+            ):
                 tokens = [self.itos[t] for t in decoded[i].token_ids]
                 short[i] = short_description(
                     tokens,
@@ -116,6 +125,11 @@ class SecondLook:
                     self.object_words,
                     lambda w, s=support[k]: s.get(w, 0.0),
                     self.everyday,
+                    [
+                        (w, p, self.class_counts[w])
+                        for w, p in support[k].items()
+                        if w in self.hedge_words
+                    ],
                 )
         return decoded, short
 
@@ -123,6 +137,25 @@ class SecondLook:
         """Whether a decoded caption opens with a noun phrase that has a noun."""
         tokens = [self.itos[t] for t in decoded.token_ids]
         return leading_noun(tokens, self.object_words) is not None
+
+    @property
+    def class_counts(self) -> dict[str, int]:
+        """word -> how many ImageNet classes it names (fewer: more specific)."""
+        if self._class_counts is None:
+            counts = self.grounder.lexicon.sum(axis=0)  # (W,)
+            names = [self.itos[i] for i in self.grounder.word_ids]
+            self._class_counts = {w: int(c) for w, c in zip(names, counts, strict=True)}
+        return self._class_counts
+
+    @property
+    def hedge_words(self) -> set[str]:
+        """The object words a hedged short description may use (singular, as the concepts)."""
+        words = self.object_words
+        return {
+            w
+            for w in self.class_counts
+            if w in words and not any(s != w and s in words for s in _singulars(w))
+        }
 
     @property
     def object_words(self) -> set[str]:

@@ -3,10 +3,11 @@
 Out of domain the decoder's Flickr8k language has nothing true to attach its sentence to: a
 full sentence there was word salad a third of the time ("a is is on a blue in the bubble") and a
 confident wrong scene most of the rest. What the evidence does support is one thing in the photo.
-So an out-of-domain photo is described as "a/an <noun>": the head noun the grounded decoder led
-with when the concepts name it (its grounding picked it among the Flickr8k words, so it is often
-the right everyday word: "building", "car", "fish"), else the best-supported concept word
-(ImageNet's or the detector's). The result says it is a short description.
+So an out-of-domain photo is described as "a/an <noun>": a concept the encoder is sure of, else
+the head noun the grounded decoder led with when the concepts name it (its grounding picked it
+among the Flickr8k words, so it is often the right everyday word: "building", "car", "fish"),
+else the most specific word that is more likely right than wrong ("a flower" when no one kind of
+flower is sure). The result says it is a short description.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ PHRASE_BREAKERS = frozenset(
 LEADING_WINDOW = 4  # the leading noun phrase is looked for in the caption's first words
 MIN_SUPPORT = 0.1  # concept probability a decoder noun needs to be trusted as the subject
 RARE_WORD_WEIGHT = 0.5  # a concept word outside the model's vocabulary counts half
+HEDGE = 0.5  # a word is said when it is more likely right than wrong
 
 
 def leading_phrase(tokens: Sequence[str], object_words: set[str]) -> list[str]:
@@ -57,17 +59,32 @@ def short_description(
     object_words: set[str],
     support: Callable[[str], float],
     everyday: set[str] | None = None,
+    hedges: Sequence[tuple[str, float, int]] = (),
 ) -> list[str] | None:
-    """["a", "cat"] for an out-of-domain photo: the decoder's leading noun when ``support``
-    (the concepts' probability for a word) backs it, else the top concept, words in
-    ``everyday`` (the model's vocabulary) preferred; None when there is neither."""
+    """["a", "cat"] for an out-of-domain photo, the first of:
+
+    1. the decoder's leading noun when ``support`` (the concepts' probability for a word)
+       backs it: its own everyday word for what the concepts see;
+    2. the best concept (words in ``everyday``, the model's vocabulary, preferred) when it is
+       more likely right than wrong (probability >= ``HEDGE``);
+    3. hedging (Deng et al. 2012, "Hedging your bets"): the most specific of ``hedges``
+       (word, probability summed over the classes it names, how many classes) that is more
+       likely right than wrong: "a flower" when no one flower class is sure, "an animal"
+       when no one kind is;
+    4. the best concept, however unsure.
+    None when there is nothing to say."""
     noun = leading_noun(tokens, object_words)
     if noun is not None and support(noun) >= MIN_SUPPORT:
         return with_article(noun)
+    everyday = everyday or set()
+    best = None
     if concepts:
         # an everyday word (one the caption model knows) is worth twice a rare one: "a boat"
         # reads better than "a watercraft" and is as often right
-        everyday = everyday or set()
         best = max(concepts, key=lambda c: c[1] * (1.0 if c[0] in everyday else RARE_WORD_WEIGHT))
-        return with_article(best[0])
-    return None
+        if best[1] >= HEDGE:
+            return with_article(best[0])
+    likely = [(n_classes, -p, word) for word, p, n_classes in hedges if p >= HEDGE and n_classes]
+    if likely:
+        return with_article(min(likely)[2])
+    return with_article(best[0]) if best is not None else None
