@@ -138,6 +138,9 @@ def test_short_description_prefers_a_supported_decoder_noun_else_the_top_concept
     )
     assert unbacked == ["an", "eagle"]  # the decoder's "dog" has no support: the concept wins
     assert short_description("a is is".split(), [], OBJECT_WORDS, lambda w: 0.0) is None
+    weak = [("table", 0.2, 3), ("floor", 0.3, 9)]
+    chosen = short_description("a is is".split(), [], OBJECT_WORDS, lambda w: 0.0, set(), weak)
+    assert chosen == ["a", "floor"]  # no concept listed: the best-supported word
 
 
 class CountingDetector:

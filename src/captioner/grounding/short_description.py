@@ -71,7 +71,7 @@ def short_description(
        (word, probability summed over the classes it names, how many classes) that is more
        likely right than wrong: "a flower" when no one flower class is sure, "an animal"
        when no one kind is;
-    4. the best concept, however unsure.
+    4. the best concept, however unsure; with none listed, the most probable of ``hedges``.
     None when there is nothing to say."""
     noun = leading_noun(tokens, object_words)
     if noun is not None and support(noun) >= MIN_SUPPORT:
@@ -87,4 +87,8 @@ def short_description(
     likely = [(n_classes, -p, word) for word, p, n_classes in hedges if p >= HEDGE and n_classes]
     if likely:
         return with_article(min(likely)[2])
-    return with_article(best[0]) if best is not None else None
+    if best is not None:
+        return with_article(best[0])
+    # no concept listed at all: the word the classes support most, however little
+    backed = [(p, word) for word, p, n_classes in hedges if n_classes and p > 0]
+    return with_article(max(backed)[1]) if backed else None
