@@ -17,6 +17,8 @@ batches, only overlapped).
     python bench/bench_throughput.py                      # 400 test images, batch 50, fp32
     python bench/bench_throughput.py --precisions fp32,int8 --repeats 3
     python bench/bench_throughput.py --quick              # 60 images: checks the script
+    python bench/bench_throughput.py --compare-detector   # + the pipelined path without the
+                                                          #   person/animal detector's pass
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
-from bench_latency import find_images  # noqa: E402
+from bench_latency import find_images, grounded_pair  # noqa: E402
 
 
 class Way:
@@ -63,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="encoder threads (2)")
     p.add_argument("--precisions", default="fp32", help="comma-separated: fp32, int8 (fp32)")
     p.add_argument("--quick", action="store_true", help="60 images, 1 pass: a fast check")
+    p.add_argument(
+        "--compare-detector",
+        action="store_true",
+        help="also time the pipelined path without the person/animal detector's pass",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.images, args.repeats, args.batch_size = 60, 1, 20
@@ -73,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--precisions takes fp32 and/or int8")
 
     common.use_src()
-    from captioner.api import Captioner
+    from captioner.api import Captioner, resolve_model_path
     from captioner.errors import CaptionerError
 
     common.print_header("Batched throughput: sequential vs pipelined", args.threads)
@@ -82,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     warm, timed = blobs[: args.batch_size], blobs[args.batch_size :]
     batches = [timed[i : i + args.batch_size] for i in range(0, len(timed), args.batch_size)]
     ways: list[Way] = []
+    no_detector: list[Way] = []  # --compare-detector: pipelined, detector pass off
     for precision in precisions:
         try:
             captioner = Captioner.from_pretrained(
@@ -92,17 +100,25 @@ def main(argv: list[str] | None = None) -> int:
         what = f"{captioner.precision} encoder, {captioner.decoder_precision} decoder"
         ways.append(Way(f"caption(batch), {what}", captioner, pipelined=False))
         ways.append(Way(f"caption_batches, {what}", captioner, pipelined=True))
+        if args.compare_detector:
+            _, without = grounded_pair(resolve_model_path(args.model))[1]
+            plain = Captioner.from_pretrained(
+                args.model, backend="onnx", threads=args.threads, precision=precision
+            )
+            plain.grounder = without
+            no_detector.append(Way(f"caption_batches, {what}, no detector", plain, True))
     print(f"images: {source}; {len(timed)} timed per pass in {len(batches)} batches  ")
     print(f"settings: beam {args.beam}, {args.repeats} passes per path, interleaved\n", flush=True)
 
-    for way in ways:
+    timed_ways = ways + no_detector
+    for way in timed_ways:
         way.run([warm], args.beam, record=False)
     for r in range(args.repeats):
-        for way in ways if r % 2 == 0 else ways[::-1]:
+        for way in timed_ways if r % 2 == 0 else timed_ways[::-1]:
             way.run(batches, args.beam)
 
     rows = []
-    for way in ways:
+    for way in timed_ways:
         best, median = min(way.seconds), statistics.median(way.seconds)
         rows.append(
             [way.label, f"**{len(timed) / best:.1f}**", f"{len(timed) / median:.1f}",
@@ -123,6 +139,14 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"fastest ({fastest.label}) / today's fp32 path: "
             f"{min(baseline.seconds) / min(fastest.seconds):.2f}x"
+        )
+    for way in no_detector:
+        pipe = next(w for w in ways if w.pipelined and way.label.startswith(w.label))
+        same = sum(a == b for a, b in zip(way.captions, pipe.captions, strict=True))
+        print(
+            f"{pipe.label} (with the detector) / {way.label}: "
+            f"{min(way.seconds) / min(pipe.seconds):.2f}x throughput; "
+            f"identical captions {same}/{len(way.captions)}"
         )
     print(f"\nload average now {common.load_average()}")
     return 0

@@ -160,7 +160,10 @@ class SecondLook:
     @property
     def object_words(self) -> set[str]:
         if self._object_words is None:
-            self._object_words = load_object_words()
+            # WordNet's object nouns, plus every word that names an ImageNet class ("bear" is
+            # more often a verb in WordNet's counts, but a caption's "a bear" is the animal)
+            named = {w for w, n in self.class_counts.items() if n > 0}
+            self._object_words = load_object_words() | named
         return self._object_words
 
 

@@ -21,32 +21,36 @@ PHRASE_BREAKERS = frozenset(
     "is are was were be on in of with at by near under over through into from to for while "
     "and his her its their".split()
 )
-LEADING_WINDOW = 4  # the leading noun phrase is looked for in the caption's first words
+LEADING_WINDOW = 6  # the leading noun phrase is looked for in the caption's first words
 MIN_SUPPORT = 0.1  # concept probability a decoder noun needs to be trusted as the subject
 RARE_WORD_WEIGHT = 0.5  # a concept word outside the model's vocabulary counts half
 HEDGE = 0.5  # a word is said when it is more likely right than wrong
 
 
+def noun_form(token: str, object_words: set[str]) -> str | None:
+    """The object word a token is, singular ("dogs" -> "dog"); None when it is none."""
+    singulars = sorted(s for s in _singulars(token) if s != token and s in object_words)
+    if singulars:
+        return singulars[0]
+    return token if token in object_words else None
+
+
 def leading_phrase(tokens: Sequence[str], object_words: set[str]) -> list[str]:
-    """A caption's leading noun phrase up to its head noun ("a white fish is ..." -> ["a",
-    "white", "fish"]); [] when the caption starts without one ("a is is on ...")."""
+    """A caption's leading noun phrase up to its head noun ("two white dogs are ..." -> ["two",
+    "white", "dogs"]); [] when the caption starts without one ("a is is on ...")."""
     for n, token in enumerate(tokens[:LEADING_WINDOW]):
         if token in PHRASE_BREAKERS and token != "and":
             return []
-        if token in object_words:
+        if noun_form(token, object_words) is not None:
             return list(tokens[: n + 1])
     return []
 
 
 def leading_noun(tokens: Sequence[str], object_words: set[str]) -> str | None:
-    """The head noun of a caption's leading noun phrase ("a white fish is ..." -> "fish"),
-    singular when its singular is an object word too; None when there is none."""
+    """The head noun of a caption's leading noun phrase, singular ("two dogs are ..." ->
+    "dog"); None when there is none."""
     phrase = leading_phrase(tokens, object_words)
-    if not phrase:
-        return None
-    token = phrase[-1]
-    singular = sorted(s for s in _singulars(token) if s in object_words and s != token)
-    return singular[0] if singular and token.endswith("s") else token
+    return noun_form(phrase[-1], object_words) if phrase else None
 
 
 def with_article(noun: str) -> list[str]:
