@@ -121,6 +121,9 @@ def test_detector_concepts_and_merging():
         ("a is is on a blue in the bubble", None),
         ("a white and a red white is in the flowers", None),
         ("a building is standing", "building"),
+        ("two black and white dogs are running", "dog"),
+        ("a smiling and a camera are standing", None),
+        ("a man and a dog are running", "man"),
     ],
 )
 def test_leading_noun(tokens, noun):

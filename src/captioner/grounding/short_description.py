@@ -21,6 +21,7 @@ PHRASE_BREAKERS = frozenset(
     "is are was were be on in of with at by near under over through into from to for while "
     "and his her its their".split()
 )
+DETERMINERS = frozenset("a an the two three four five several some many".split())
 LEADING_WINDOW = 6  # the leading noun phrase is looked for in the caption's first words
 MIN_SUPPORT = 0.1  # concept probability a decoder noun needs to be trusted as the subject
 RARE_WORD_WEIGHT = 0.5  # a concept word outside the model's vocabulary counts half
@@ -40,6 +41,10 @@ def leading_phrase(tokens: Sequence[str], object_words: set[str]) -> list[str]:
     "white", "dogs"]); [] when the caption starts without one ("a is is on ...")."""
     for n, token in enumerate(tokens[:LEADING_WINDOW]):
         if token in PHRASE_BREAKERS and token != "and":
+            return []
+        if token == "and" and n > 0 and n + 1 < len(tokens) and tokens[n + 1] in DETERMINERS:
+            # "a man and a woman": two noun phrases; "a smiling and a camera": the first has
+            # no noun, so the caption has no subject ("black and white" goes on as one)
             return []
         if noun_form(token, object_words) is not None:
             return list(tokens[: n + 1])
