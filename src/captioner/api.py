@@ -7,7 +7,7 @@ preprocessing or decoding.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -26,6 +26,7 @@ from captioner.grounding.second_look import SecondLook
 from captioner.model.captioning_model import CaptioningModel
 from captioner.pretrained_paths import bundled_model_dir, resolve_model_path
 from captioner.result import CaptionResult
+from captioner.speculate import speculate
 
 __all__ = ["Captioner", "CaptionResult", "bundled_model_dir", "resolve_model_path"]
 
@@ -207,6 +208,10 @@ class Captioner:
         if not images:
             return []
         encoded = self.encode_for_caption(images)
+        if encoded.get("detector_images") is not None:
+            # beam search keeps about one core busy, so the detector runs on the other
+            # meanwhile, for every photo (its answer is waited for only where it is needed)
+            encoded["detections"] = speculate(self.second_look.detect, encoded["detector_images"])
         return self.caption_features(
             encoded["features"],
             beam_size,
@@ -218,7 +223,8 @@ class Captioner:
             grounding=grounding,
             grounding_strength=grounding_strength,
             concept_logits=encoded["concept_logits"],
-            detector_images=encoded["detector_images"],
+            detector_images=encoded.get("detector_images"),
+            detections=encoded.get("detections"),
         )
 
     @property
@@ -240,19 +246,26 @@ class Captioner:
         encoded = self.encode_for_caption(images)
         return encoded["features"], encoded["concept_logits"]
 
-    def encode_for_caption(self, images: Sequence[ImageInput]) -> dict[str, Any]:
+    def encode_for_caption(self, images: Sequence[ImageInput], detect: bool = False) -> dict:
         """``encode_batch``'s grids and logits plus, for a grounded model, the photos at the
-        detector's input size (``detector_images``): the keyword arguments of
-        ``caption_features`` that come from the images."""
+        detector's input size (``detector_images``) and, with ``detect``, the detector's
+        answer for all of them (``detections``; for a stage that runs beside decoding, as
+        ``caption_batches``'s does): the keyword arguments of ``caption_features`` that come
+        from the images."""
         arrays = [load_image(img) for img in images]
         if self.grounder is None:
             features = torch.from_numpy(self.extractor(preprocess(arrays, self.spec)))
-            return {"features": features, "concept_logits": None, "detector_images": None}
+            return {"features": features, "concept_logits": None}
         grid, logits = self.extractor.with_concepts(preprocess(arrays, self.spec))
+        thumbnails = self.second_look.thumbnails(arrays)
+        detections = None
+        if detect and thumbnails is not None:
+            detections = self.second_look.detect(thumbnails)
         return {
             "features": torch.from_numpy(grid),
             "concept_logits": logits,
-            "detector_images": self.second_look.thumbnails(arrays),
+            "detector_images": thumbnails,
+            "detections": detections,
         }
 
     def caption_batches(
@@ -265,7 +278,8 @@ class Captioner:
         from captioner.overlap import Failed, overlapped
 
         stream = overlapped(
-            (list(b) for b in batches), lambda b: self.encode_for_caption(b) if b else None
+            (list(b) for b in batches),
+            lambda b: self.encode_for_caption(b, detect=True) if b else None,
         )
         try:
             for batch, encoded in stream:
@@ -292,13 +306,16 @@ class Captioner:
         grounding_strength: float | None = None,
         concept_logits: np.ndarray | None = None,
         detector_images: np.ndarray | None = None,
+        detections: np.ndarray | Callable[[], np.ndarray] | None = None,
     ) -> list[CaptionResult]:
         """Decode precomputed encoder grids (B, P, C), e.g. from the feature cache.
 
         ``concept_logits`` (B, 1000): the encoder head's logits when the caller has them
         (otherwise the head is run on the grids). ``detector_images`` (B, S, S, 3) uint8: the
         photos at the detector's input size (``encode_for_caption``); without them (grids from
-        a cache) the detector's gate and the short descriptions are skipped."""
+        a cache) the detector's gate and the short descriptions are skipped. ``detections``
+        (B, L): the detector's probabilities when already computed (or a callable that waits
+        for them)."""
         from captioner.decoding import beam_search, greedy_decode
 
         g = self.generation_settings(
@@ -361,7 +378,14 @@ class Captioner:
         short: list[list[str] | None] = [None] * len(decoded)
         if described is not None and word_bias is not None and detector_images is not None:
             decoded, short = self.second_look(
-                decoded, described, concept_logits, detector_images, word_bias, features, decode
+                decoded,
+                described,
+                concept_logits,
+                detector_images,
+                word_bias,
+                features,
+                decode,
+                detections,
             )
         side = self.grid_size
         results = []

@@ -35,6 +35,10 @@ class FakeCaptioner:
         self.encode_threads.add(threading.current_thread().name)
         return list(images), None
 
+    def encode_for_caption(self, images, detect=False):
+        features, logits = self.encode_batch(images)
+        return {"features": features, "concept_logits": logits}
+
     def caption_features(self, features, return_attention=True, concept_logits=None, **settings):
         self.calls.append(len(features))
         return [

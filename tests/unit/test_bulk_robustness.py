@@ -32,6 +32,10 @@ class Fake:
     def encode_batch(self, images):
         return list(images), None
 
+    def encode_for_caption(self, images, detect=False):
+        features, logits = self.encode_batch(images)
+        return {"features": features, "concept_logits": logits}
+
     def caption_features(self, features, return_attention=True, concept_logits=None, **settings):
         self.settings = settings
         return [

@@ -181,17 +181,17 @@ def caption_bulk(
 
     def encode(chunk: list[_Decoded]):
         images = [d.image for d in chunk if d.image is not None]
-        return captioner.encode_batch(images) if images else None
+        # the detector runs here too, beside the decoding of the chunk before
+        return captioner.encode_for_caption(images, detect=True) if images else None
 
     def captioned(images: list[_Decoded], encoded: Any) -> list[CaptionResult | str]:
         try:
             if isinstance(encoded, Failed):
                 raise encoded.error
-            features, logits = encoded
+            grids = encoded["features"]
+            rest = {k: v for k, v in encoded.items() if k != "features"}
             return list(
-                captioner.caption_features(
-                    features, return_attention=False, concept_logits=logits, **settings
-                )
+                captioner.caption_features(grids, return_attention=False, **rest, **settings)
             )
         except ConfigError:
             raise

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from captioner.api import Captioner, resolve_model_path
+from captioner.data.images import load_image
 from captioner.data.prepare import PreparedData
 from captioner.devices import resolve_device
 from captioner.errors import ConfigError, DataError
@@ -186,6 +187,16 @@ def evaluate(
         return_attention=False,
         grounding=grounding,
     )
+    look = captioner.second_look if grounding else None
+
+    def detector_inputs(batch: list[str]) -> dict:
+        """The photos at the detector's size, so cached grids are captioned as ``caption``
+        captions the images (the person/animal gate and short descriptions need them)."""
+        if look is None or not look.wanted:
+            return {}
+        source = prepared.image_source
+        return {"detector_images": look.thumbnails([load_image(source.locate(n)) for n in batch])}
+
     predictions: dict[str, str] = {}
     decode_start = time.perf_counter()
     batches = [names[i : i + batch_size] for i in range(0, len(names), batch_size)]
@@ -200,7 +211,7 @@ def evaluate(
     for batch in bar:
         if features is not None:
             chunk = features[offset : offset + len(batch)].float()  # (b, P, C)
-            results = captioner.caption_features(chunk, **options)
+            results = captioner.caption_features(chunk, **options, **detector_inputs(batch))
         else:
             source = prepared.image_source  # a folder, or tar shards read in place
             results = captioner.caption([source.locate(n) for n in batch], **options)

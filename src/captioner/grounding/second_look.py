@@ -42,6 +42,7 @@ class SecondLook:
         self._detector: ObjectDetector | None = None
         self._object_words: set[str] | None = None
         self._class_counts: dict[str, int] | None = None
+        self._hedge_words: set[str] | None = None
 
     @property
     def wanted(self) -> bool:
@@ -53,6 +54,10 @@ class SecondLook:
         if self._detector is None:  # loaded on first use: most captions never need it
             self._detector = ObjectDetector.from_pretrained(threads=self.threads)
         return self._detector
+
+    def detect(self, thumbnails: np.ndarray) -> np.ndarray:
+        """(B, S, S, 3) uint8 thumbnails -> (B, L) presence probabilities."""
+        return self.detector(list(thumbnails)).probabilities
 
     def thumbnails(self, arrays: Sequence[np.ndarray]) -> np.ndarray | None:
         """RGB arrays -> (B, S, S, 3) uint8 at the detector's input size (small enough to keep
@@ -74,9 +79,12 @@ class SecondLook:
         word_bias: torch.Tensor,
         features: torch.Tensor,
         decode: Callable[[torch.Tensor, torch.Tensor], list],
+        detections: np.ndarray | Callable[[], np.ndarray] | None = None,
     ) -> tuple[list, list[list[str] | None]]:
         """(decoded, per photo a short description or None); ``described`` gains the
-        detector's concepts where it ran."""
+        detector's concepts where it ran. ``detections`` (B, L): the detector's answer for
+        every photo when it was computed beside decoding (or a callable waiting for it);
+        otherwise the detector runs here, on the photos that need it only."""
         short: list[list[str] | None] = [None] * len(decoded)
         if not self.wanted:
             return decoded, short
@@ -93,7 +101,10 @@ class SecondLook:
         looked = [i for i in range(len(decoded)) if outside[i] or gated[i] or salad[i]]
         if not looked:
             return decoded, short
-        probs = self.detector(list(detector_images[looked])).probabilities  # (n, L)
+        if detections is None:
+            probs = self.detect(detector_images[looked])  # (n, L)
+        else:
+            probs = (detections() if callable(detections) else detections)[looked]  # (n, L)
         detections = DetectorOutput(self.detector.labels, probs)
         decoded = list(decoded)
         if self.gate.active:
@@ -150,12 +161,14 @@ class SecondLook:
     @property
     def hedge_words(self) -> set[str]:
         """The object words a hedged short description may use (singular, as the concepts)."""
-        words = self.object_words
-        return {
-            w
-            for w in self.class_counts
-            if w in words and not any(s != w and s in words for s in _singulars(w))
-        }
+        if self._hedge_words is None:
+            words = self.object_words
+            self._hedge_words = {
+                w
+                for w in self.class_counts
+                if w in words and not any(s != w and s in words for s in _singulars(w))
+            }
+        return self._hedge_words
 
     @property
     def object_words(self) -> set[str]:
