@@ -41,12 +41,14 @@ WORDS = "a dog cat man runs sits on the grass snow red blue ball with".split()
 VOCAB = [*SPECIAL_TOKENS, *WORDS]
 
 
-def _tiny_decoder(vocab_size: int, feature_dim: int = 16, dropout: float = 0.0):
+def _tiny_decoder(
+    vocab_size: int, feature_dim: int = 16, dropout: float = 0.0, num_pixels: int = 4
+):
     torch.manual_seed(0)
     config = DecoderConfig(
         vocab_size=vocab_size,
         feature_dim=feature_dim,
-        num_pixels=4,
+        num_pixels=num_pixels,
         embed_dim=16,
         hidden_dim=24,
         attention_dim=16,
@@ -318,7 +320,9 @@ def test_scst_refuses_a_model_with_another_vocabulary(xe_model, tmp_path):
     best, _ = xe_model
     model = CaptioningModel.from_pretrained(best)
     other_vocab = Vocabulary([*SPECIAL_TOKENS, "zebra", "giraffe"])
-    decoder = _tiny_decoder(len(other_vocab), feature_dim=model.encoder.channels)
+    decoder = _tiny_decoder(
+        len(other_vocab), feature_dim=model.encoder.channels, num_pixels=model.encoder.num_pixels
+    )
     other = CaptioningModel(decoder, other_vocab, model.encoder).save_pretrained(tmp_path / "m")
     with pytest.raises(ConfigError, match="vocabulary"):
         train_scst(_scst_cfg(xe_model, tmp_path, init_model=str(other)), log=lambda *a: None)

@@ -9,6 +9,7 @@ it the check is unavailable (None), never guessed.
 
 from __future__ import annotations
 
+import atexit
 import sys
 from collections.abc import Callable
 from functools import cache
@@ -37,4 +38,7 @@ def sentence_parser() -> Callable[[str], bool] | None:
     def parses(caption: str) -> bool:
         return bool(caption.strip()) and len(Sentence(caption, dictionary, options).parse()) > 0
 
+    # free the dictionary while link-grammar's module is still loaded (its __del__ fails when
+    # the interpreter has already torn the module down)
+    atexit.register(sentence_parser.cache_clear)
     return parses
