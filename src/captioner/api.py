@@ -208,10 +208,6 @@ class Captioner:
         if not images:
             return []
         encoded = self.encode_for_caption(images)
-        if encoded.get("detector_images") is not None:
-            # beam search keeps about one core busy, so the detector runs on the other
-            # meanwhile, for every photo (its answer is waited for only where it is needed)
-            encoded["detections"] = speculate(self.second_look.detect, encoded["detector_images"])
         return self.caption_features(
             encoded["features"],
             beam_size,
@@ -246,26 +242,19 @@ class Captioner:
         encoded = self.encode_for_caption(images)
         return encoded["features"], encoded["concept_logits"]
 
-    def encode_for_caption(self, images: Sequence[ImageInput], detect: bool = False) -> dict:
+    def encode_for_caption(self, images: Sequence[ImageInput]) -> dict:
         """``encode_batch``'s grids and logits plus, for a grounded model, the photos at the
-        detector's input size (``detector_images``) and, with ``detect``, the detector's
-        answer for all of them (``detections``; for a stage that runs beside decoding, as
-        ``caption_batches``'s does): the keyword arguments of ``caption_features`` that come
-        from the images."""
+        detector's input size (``detector_images``): the keyword arguments of
+        ``caption_features`` that come from the images."""
         arrays = [load_image(img) for img in images]
         if self.grounder is None:
             features = torch.from_numpy(self.extractor(preprocess(arrays, self.spec)))
             return {"features": features, "concept_logits": None}
         grid, logits = self.extractor.with_concepts(preprocess(arrays, self.spec))
-        thumbnails = self.second_look.thumbnails(arrays)
-        detections = None
-        if detect and thumbnails is not None:
-            detections = self.second_look.detect(thumbnails)
         return {
             "features": torch.from_numpy(grid),
             "concept_logits": logits,
-            "detector_images": thumbnails,
-            "detections": detections,
+            "detector_images": self.second_look.thumbnails(arrays),
         }
 
     def caption_batches(
@@ -279,7 +268,7 @@ class Captioner:
 
         stream = overlapped(
             (list(b) for b in batches),
-            lambda b: self.encode_for_caption(b, detect=True) if b else None,
+            lambda b: self.encode_for_caption(b) if b else None,
         )
         try:
             for batch, encoded in stream:
@@ -374,9 +363,14 @@ class Captioner:
                     return greedy_decode(self.stepper, features, **options)
                 return beam_search(self.stepper, features, beam_size=beam_size, **options)
 
+        looks = described is not None and word_bias is not None and detector_images is not None
+        if looks and detections is None and self.second_look.wanted:
+            # beam search keeps about one core busy, so the detector runs on the other
+            # meanwhile, for every photo (its answer is waited for only where it is needed)
+            detections = speculate(self.second_look.detect, detector_images)
         decoded = decode(features, word_bias)
         short: list[list[str] | None] = [None] * len(decoded)
-        if described is not None and word_bias is not None and detector_images is not None:
+        if looks:
             decoded, short = self.second_look(
                 decoded,
                 described,

@@ -56,3 +56,25 @@ def atomic_write_json(target: str | os.PathLike[str], obj: Any) -> None:
 def read_json(path: str | os.PathLike[str]) -> Any:
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
+
+
+def unwritable_reason(path: str | os.PathLike[str], folder: bool) -> str | None:
+    """Why an output (a folder when ``folder``, else a file) cannot be written now, or None:
+    a folder where a file goes or the reverse, a file in the way of its folder, or a place this
+    user cannot write (a temporary file is tried there and removed at once). Creates nothing
+    that stays, so outputs are checked before hours of work, not after."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        return "a file is in the way: give a folder" if folder else "give a file name, not a folder"
+    place = path if folder and path.is_dir() else path.parent
+    while not place.exists() and place != place.parent:
+        place = place.parent  # made when the output is written
+    if not place.is_dir():
+        return f"{place} is a file, so no folder can be made there"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".captioner-write-check.", dir=place)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return f"cannot write in {place} ({exc.strerror})"
+    return None

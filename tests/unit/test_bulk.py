@@ -35,7 +35,7 @@ class FakeCaptioner:
         self.encode_threads.add(threading.current_thread().name)
         return list(images), None
 
-    def encode_for_caption(self, images, detect=False):
+    def encode_for_caption(self, images):
         features, logits = self.encode_batch(images)
         return {"features": features, "concept_logits": logits}
 

@@ -32,7 +32,7 @@ class Fake:
     def encode_batch(self, images):
         return list(images), None
 
-    def encode_for_caption(self, images, detect=False):
+    def encode_for_caption(self, images):
         features, logits = self.encode_batch(images)
         return {"features": features, "concept_logits": logits}
 

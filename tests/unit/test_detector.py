@@ -179,78 +179,96 @@ def decoded_as(itos, *captions):
     return [SimpleNamespace(token_ids=[itos.index(w) for w in c.split()]) for c in captions]
 
 
+def photos(*flags, concepts=()):
+    """One ImageGrounding-like record per out-of-domain flag."""
+    return [SimpleNamespace(out_of_domain=flag, concepts=list(concepts)) for flag in flags]
+
+
+def run(look, itos, decoded, described, decode, **options):
+    """SecondLook on n photos with zero logits, thumbnails, bias and grids."""
+    n = len(decoded)
+    return look(
+        decoded,
+        described,
+        np.zeros((n, 1000)),
+        np.zeros((n, 8, 8, 3), np.uint8),
+        torch.zeros(n, len(itos)),
+        torch.zeros(n, 4, 3),
+        decode,
+        **options,
+    )
+
+
 def test_second_look_redecodes_only_doubted_captions():
     look, itos = make_second_look(person=0.05)
     decoded = decoded_as(itos, "a man is in water", "a dog is in water")
-    described = [SimpleNamespace(out_of_domain=False, concepts=[]) for _ in decoded]
     seen_bias = []
 
     def decode(features, bias):
         seen_bias.append(bias)
         return decoded_as(itos, "a bird is in water")
 
-    bias = torch.zeros(2, len(itos))
-    images = np.zeros((2, 8, 8, 3), np.uint8)
-    out, short = look(
-        decoded, described, np.zeros((2, 1000)), images, bias, torch.zeros(2, 4, 3), decode
-    )
+    out, short = run(look, itos, decoded, photos(False, False), decode)
     assert look.detector.calls == 1  # the dog caption names no gated word: never looked at
     assert len(seen_bias) == 1 and seen_bias[0][0, itos.index("man")] < -5
     assert [itos[t] for t in out[0].token_ids] == "a bird is in water".split()
     assert out[1] is decoded[1] and short == [None, None]
 
 
+def test_second_look_uses_detections_computed_beside_decoding():
+    look, itos = make_second_look(person=0.9)
+    decoded = decoded_as(itos, "a man is in water")
+    doubted = np.zeros((1, len(LABELS)), np.float32)  # the detector saw no person after all
+    again = decoded_as(itos, "a bird is in water")
+    for detections in (doubted, lambda: doubted):  # an array, or a callable that waits
+        out, _ = run(look, itos, decoded, photos(False), lambda f, b: again, detections=detections)
+        assert out[0] is again[0]
+    assert look.detector.calls == 0  # never run again here
+
+
 def test_second_look_keeps_a_caption_the_detector_supports():
     look, itos = make_second_look(person=0.9)
     decoded = decoded_as(itos, "a man is in water")
-    described = [SimpleNamespace(out_of_domain=False, concepts=[])]
 
     def decode(features, bias):
         raise AssertionError("a supported caption is not decoded again")
 
-    out, _ = look(
-        decoded,
-        described,
-        np.zeros((1, 1000)),
-        np.zeros((1, 8, 8, 3), np.uint8),
-        torch.zeros(1, len(itos)),
-        torch.zeros(1, 4, 3),
-        decode,
-    )
+    out, _ = run(look, itos, decoded, photos(False), decode)
     assert out[0] is decoded[0]
 
 
 def test_second_look_describes_out_of_domain_photos_briefly():
     look, itos = make_second_look(person=0.9)
     decoded = decoded_as(itos, "a bird is in water")
-    described = [SimpleNamespace(out_of_domain=True, concepts=[("parrot", 0.4)])]
-    out, short = look(
-        decoded,
-        described,
-        np.zeros((1, 1000)),
-        np.zeros((1, 8, 8, 3), np.uint8),
-        torch.zeros(1, len(itos)),
-        torch.zeros(1, 4, 3),
-        lambda f, b: decoded,
-    )
+    described = photos(True, concepts=[("parrot", 0.4)])
+    _, short = run(look, itos, decoded, described, lambda f, b: decoded)
     # the decoder's own noun, backed by the concepts; the detector's classes join the concepts
     assert short == [["a", "bird"]] and described[0].concepts[0] == ("person", 0.9)
     salad = decoded_as(itos, "a is in water")
-    described = [SimpleNamespace(out_of_domain=True, concepts=[("parrot", 0.4)])]
-    args = (np.zeros((1, 1000)), np.zeros((1, 8, 8, 3), np.uint8), torch.zeros(1, len(itos)))
-    _, short = look(salad, described, *args, torch.zeros(1, 4, 3), lambda f, b: salad)
+    described = photos(True, concepts=[("parrot", 0.4)])
+    _, short = run(look, itos, salad, described, lambda f, b: salad)
     assert short == [["a", "person"]]  # no noun to keep: the sure detector class names it
     look_off, _ = make_second_look(person=0.9, short=False)
-    look_off._detector = CountingDetector(0.9)
-    _, short = look_off(
-        decoded,
-        [SimpleNamespace(out_of_domain=True, concepts=[])],
-        np.zeros((1, 1000)),
-        np.zeros((1, 8, 8, 3), np.uint8),
-        torch.zeros(1, len(itos)),
-        torch.zeros(1, 4, 3),
-        lambda f, b: decoded,
-    )
+    _, short = run(look_off, itos, decoded, photos(True), lambda f, b: decoded)
+    assert short == [None]
+
+
+def test_second_look_keeps_the_caption_when_the_gate_leaves_no_subject():
+    look, itos = make_second_look(person=0.05)
+    decoded = decoded_as(itos, "a man is in water")
+    salad = decoded_as(itos, "a is in water")  # word salad without "man"
+    out, _ = run(look, itos, decoded, photos(False), lambda f, b: salad)
+    assert out[0] is decoded[0]
+
+
+def test_second_look_describes_a_caption_without_a_subject_briefly_in_domain_too():
+    look, itos = make_second_look(person=0.9)
+    described = photos(False, concepts=[("parrot", 0.7)])
+    salad = decoded_as(itos, "a is in water")
+    _, short = run(look, itos, salad, described, lambda f, b: salad)
+    assert short == [["a", "person"]]  # the sure detector class beats the parrot's 0.7
+    fine = decoded_as(itos, "a bird is in water")
+    _, short = run(look, itos, fine, described, lambda f, b: fine)
     assert short == [None]
 
 
@@ -287,31 +305,3 @@ def test_group_nouns_need_one_of_the_gated_classes():
     assert bias[0, 1] == 0 and bias[0, 3] < 0  # a group of dogs may be said, a man not
     assert bias[1, 1] == pytest.approx(bias[1, 4]) and bias[1, 4] < 0  # neither: the milder
     assert gate.names_gated_word([0, 1, 2], gated)
-
-
-def test_second_look_keeps_the_caption_when_the_gate_leaves_no_subject():
-    look, itos = make_second_look(person=0.05)
-    decoded = decoded_as(itos, "a man is in water")
-    described = [SimpleNamespace(out_of_domain=False, concepts=[])]
-    out, _ = look(
-        decoded,
-        described,
-        np.zeros((1, 1000)),
-        np.zeros((1, 8, 8, 3), np.uint8),
-        torch.zeros(1, len(itos)),
-        torch.zeros(1, 4, 3),
-        lambda f, b: decoded_as(itos, "a is in water"),  # word salad without "man"
-    )
-    assert out[0] is decoded[0]
-
-
-def test_second_look_describes_a_caption_without_a_subject_briefly_in_domain_too():
-    look, itos = make_second_look(person=0.9)
-    salad = decoded_as(itos, "a is in water")
-    described = [SimpleNamespace(out_of_domain=False, concepts=[("parrot", 0.7)])]
-    args = (np.zeros((1, 1000)), np.zeros((1, 8, 8, 3), np.uint8), torch.zeros(1, len(itos)))
-    _, short = look(salad, described, *args, torch.zeros(1, 4, 3), lambda f, b: salad)
-    assert short == [["a", "person"]]  # the sure detector class beats the parrot's 0.7
-    fine = decoded_as(itos, "a bird is in water")
-    _, short = look(fine, described, *args, torch.zeros(1, 4, 3), lambda f, b: fine)
-    assert short == [None]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from tiny_training import TINY
 from typer.testing import CliRunner
 
 from captioner.cli.main import app
@@ -21,19 +22,8 @@ from captioner.training.epochs import EpochLines
 from captioner.training.loop import get_lr, train
 from captioner.training.schedule import warmup_steps
 
-SMALL = dict(
-    num_words=0,
-    min_count=1,
-    embed_dim=16,
-    hidden_dim=16,
-    attention_dim=16,
-    context_dim=16,
-    dropout=0.0,
-    batch_size=20,
-    threads=1,
-    val_images=4,
-    patience=0,
-)
+# no warm-up given: the warm-up cap is what is tested
+SMALL = {**{k: v for k, v in TINY.items() if k != "warmup_steps"}, "hidden_dim": 16}
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_training import TINY
 
 from captioner.data.prepare import PrepareSettings, prepare
 from captioner.data.synthetic import make_shapes_dataset
@@ -20,20 +21,7 @@ from captioner.training.config import TrainConfig
 from captioner.training.guards import GROUNDING_FILES
 from captioner.training.loop import train
 
-SMALL = dict(
-    num_words=0,
-    min_count=1,
-    embed_dim=16,
-    hidden_dim=24,
-    attention_dim=16,
-    context_dim=16,
-    dropout=0.0,
-    batch_size=20,
-    warmup_steps=2,
-    threads=1,
-    val_images=4,
-    patience=0,
-)
+SMALL = dict(TINY)
 PREPARED = PrepareSettings(num_words=None, min_count=1, test_size=0.2, val_size=0.2, seed=0)
 
 

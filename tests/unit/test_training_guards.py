@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
+from tiny_training import TINY
 
 from captioner.data.prepare import PreparedData
 from captioner.data.synthetic import make_shapes_dataset
@@ -27,20 +28,7 @@ from captioner.training.guards import NonFiniteError, check_finite_loss
 from captioner.training.loop import train
 from captioner.training.scst import scst_step
 
-SMALL = dict(
-    num_words=0,
-    min_count=1,
-    embed_dim=16,
-    hidden_dim=24,
-    attention_dim=16,
-    context_dim=16,
-    dropout=0.0,
-    batch_size=20,
-    warmup_steps=2,
-    threads=1,
-    val_images=4,
-    patience=0,
-)
+SMALL = dict(TINY)
 
 
 @pytest.fixture(scope="module")

@@ -181,8 +181,7 @@ def caption_bulk(
 
     def encode(chunk: list[_Decoded]):
         images = [d.image for d in chunk if d.image is not None]
-        # the detector runs here too, beside the decoding of the chunk before
-        return captioner.encode_for_caption(images, detect=True) if images else None
+        return captioner.encode_for_caption(images) if images else None
 
     def captioned(images: list[_Decoded], encoded: Any) -> list[CaptionResult | str]:
         try:

@@ -6,9 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import os
 import sys
-import tempfile
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from captioner.errors import CaptionerError, ConfigError
+from captioner.io import unwritable_reason
 from captioner.settings import bounds_of, flag_name
 
 if TYPE_CHECKING:  # Typer's vendored click
@@ -44,24 +43,10 @@ def friendly_errors(func: Callable) -> Callable:
 
 def check_writable(path: Path, flag: str, folder: bool = False) -> None:
     """Refuse an output that cannot be written before any work is done (not after hours of
-    decoding): a folder where a file goes or the reverse, a file in the way of its folder, or
-    a place this user cannot write (a temporary file is tried there and removed at once).
-    Creates nothing that stays. ConfigError: one line."""
-    path = Path(path)
-    if path.exists() and path.is_dir() != folder:
-        want = "a folder, not a file" if folder else "a file name, not a folder"
-        raise ConfigError(f"{flag} {path}: give {want}")
-    place = path if folder and path.is_dir() else path.parent
-    while not place.exists() and place != place.parent:
-        place = place.parent  # made when the output is written
-    if not place.is_dir():
-        raise ConfigError(f"{flag} {path}: {place} is a file, so no folder can be made there")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".captioner-write-check.", dir=place)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise ConfigError(f"{flag} {path}: cannot write in {place} ({exc.strerror})") from exc
+    decoding); see :func:`captioner.io.unwritable_reason`. ConfigError: one line."""
+    reason = unwritable_reason(path, folder)
+    if reason is not None:
+        raise ConfigError(f"{flag} {path}: {reason}")
 
 
 def hide_flag_metavars(command: click.Command, ctx: click.Context) -> None:

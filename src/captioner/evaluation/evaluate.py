@@ -15,7 +15,6 @@ Two files are written atomically into ``out_dir``:
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from captioner.devices import resolve_device
 from captioner.errors import ConfigError, DataError
 from captioner.evaluation.metrics import java_available, score_captions
 from captioner.features.quantize import DEFAULT_PRECISION, check_precision
-from captioner.io import atomic_write_json
+from captioner.io import atomic_write_json, unwritable_reason
 from captioner.progress import progress_bar
 
 DEFAULT_EVAL_ROOT = Path("runs/eval")
@@ -44,21 +43,10 @@ def default_out_dir(model: str | os.PathLike | None) -> Path:
 
 def check_out_dir(out_dir: Path) -> None:
     """Refuse an ``out_dir`` that cannot be written now, before the decoding, not after it
-    (when every caption would be lost): a file in its place or on its way, or a folder this
-    user cannot write (a test file is made there and removed). Nothing stays created."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DataError(f"{out_dir}: a file is in the way of the output folder")
-    place = out_dir
-    while not place.exists() and place != place.parent:
-        place = place.parent  # made when the report is written
-    if not place.is_dir():
-        raise DataError(f"{out_dir}: {place} is a file, so the output folder cannot be made")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=place)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise DataError(f"{out_dir}: cannot write the report in {place} ({exc.strerror})") from exc
+    (when every caption would be lost); see :func:`captioner.io.unwritable_reason`."""
+    reason = unwritable_reason(out_dir, folder=True)
+    if reason is not None:
+        raise DataError(f"{out_dir}: {reason}")
 
 
 def report_paths(
