@@ -15,7 +15,7 @@ image ends with exactly ``beam_size`` finished hypotheses (fewer only if the ste
 fewer than that a non-zero probability), and an image is done when no beam is left alive, at
 which point nothing can beat its best; at ``max_length`` the beams still alive count as
 finished. Candidates are ranked by their summed log-probability; finished hypotheses by
-``score = sum / length ** length_penalty`` (see :mod:`captioner.decoding.greedy`).
+``score = sum / length ** length_penalty`` (see :mod:`captioner.decoding.steps`).
 
 With ``beam_size=1`` this is exactly greedy decoding (same tokens, same score): both take the
 first maximum on ties and run the stepper on the same rows. With ``beam_size`` at least the
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from captioner.decoding.fused import FusedExpander, uses_fused
-from captioner.decoding.greedy import (
+from captioner.decoding.steps import (
     DecodeResult,
     Stepper,
     banned_ids,

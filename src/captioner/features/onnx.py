@@ -1,4 +1,4 @@
-"""ONNX export of the encoder and the extraction backends (ONNX Runtime first, PyTorch fallback).
+"""The feature extractor: ONNX Runtime first, PyTorch as the fallback.
 
 On 2 CPU cores ONNX Runtime runs EfficientNet-Lite several times faster than PyTorch eager, so it
 is the default; the exported file is cached per encoder and library versions.
@@ -6,9 +6,6 @@ is the default; the exported file is cached per encoder and library versions.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
 import warnings
 from pathlib import Path
 
@@ -16,62 +13,14 @@ import numpy as np
 import torch
 
 from captioner.errors import ConfigError
-from captioner.features.encoders import EncoderSpec, GridAndConcepts, build_encoder, get_spec
-from captioner.io import atomic_path
-
-
-def cache_root() -> Path:
-    """Where exported ONNX files live: $CAPTIONER_CACHE or ~/.cache/captioner."""
-    return Path(os.environ.get("CAPTIONER_CACHE", Path.home() / ".cache" / "captioner"))
-
-
-def _quiet_export(model: torch.nn.Module, example: tuple, path: Path, **kwargs) -> None:
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, example, str(path), dynamo=False, opset_version=17, **kwargs)
-
-
-def export_encoder(name: str, path: Path | None = None) -> Path:
-    """Export the encoder to ONNX (batch dimension dynamic); reuse an existing export.
-
-    Two outputs from one pass: ``features`` (B, P, C), the grid the decoder attends over, and
-    ``concepts`` (B, 1000), the ImageNet classifier's logits (the "-concepts" in the file name
-    keeps exports from before that output apart)."""
-    spec = get_spec(name)
-    if path is None:
-        path = (
-            cache_root()
-            / "onnx"
-            / (f"{name}-{spec.image_size}-r{spec.revision}-concepts-torch{torch.__version__}.onnx")
-        )
-    if path.is_file():
-        return path
-    model = GridAndConcepts(build_encoder(name)).eval()
-    example = (torch.zeros(1, 3, spec.image_size, spec.image_size),)
-    with atomic_path(path) as tmp:
-        _quiet_export(
-            model,
-            example,
-            tmp,
-            input_names=["images"],
-            output_names=["features", "concepts"],
-            dynamic_axes={
-                "images": {0: "batch"},
-                "features": {0: "batch"},
-                "concepts": {0: "batch"},
-            },
-        )
-    return path
-
-
-def ort_session(path: Path, threads: int | None = None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+from captioner.features.encoders import EncoderSpec, build_encoder, get_spec
+from captioner.features.onnx_export import (  # noqa: F401 - re-exported for older imports
+    _quiet_export,
+    cache_root,
+    export_encoder,
+    ort_session,
+)
+from captioner.features.quantize import require_int8_encoder, resolve_precision
 
 
 class FeatureExtractor:
@@ -90,8 +39,6 @@ class FeatureExtractor:
         threads: int | None = None,
         precision: str = "fp32",
     ):
-        from captioner.features.quantize import require_int8_encoder, resolve_precision
-
         self.spec: EncoderSpec = get_spec(name)
         self.backend = backend
         if precision == "auto" and backend == "torch":

@@ -24,7 +24,7 @@ from captioner.data.image_source import IMAGE_SUFFIXES
 from captioner.data.images import load_image
 from captioner.errors import ConfigError, DataError
 from captioner.features.encoders import get_spec, preprocess
-from captioner.features.onnx import export_encoder
+from captioner.features.onnx_export import export_encoder
 from captioner.io import atomic_path, atomic_write_json, read_json
 
 PRECISIONS = ("auto", "fp32", "int8")
@@ -311,7 +311,7 @@ def require_int8_encoder(encoder: str) -> Path:
 def agreement(encoder: str, int8_file: Path, images: Sequence[Path | bytes]) -> dict[str, float]:
     """How close the int8 encoder is to the fp32 export on ``images``: the correlation and the
     relative L2 error of the grids, and how often the ImageNet top-1 concept is the same."""
-    from captioner.features.onnx import ort_session
+    from captioner.features.onnx_export import ort_session
 
     spec = get_spec(encoder)
     batch = preprocess([load_image(i) for i in images], spec)  # (B, 3, S, S)

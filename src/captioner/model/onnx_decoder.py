@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from captioner.errors import ConfigError
-from captioner.features.onnx import _quiet_export, cache_root, ort_session
+from captioner.features.onnx_export import _quiet_export, cache_root, ort_session
 from captioner.io import atomic_path
 from captioner.model.decoder import ShowAttendTellDecoder
 

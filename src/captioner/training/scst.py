@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from captioner.data.vocab import Vocabulary
-from captioner.decoding.greedy import banned_ids, masked_log_probs, select_rows
+from captioner.decoding.steps import banned_ids, masked_log_probs, select_rows
 from captioner.devices import autocast, grad_scaler, resolve_device, resolve_precision
 from captioner.errors import ConfigError
 from captioner.model.captioning_model import CaptioningModel
