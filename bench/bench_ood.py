@@ -199,7 +199,7 @@ def print_report(result: dict) -> None:
         print(f"captions link-grammar cannot parse: {share(*result['parse_failures'])}")
     else:
         print("captions link-grammar cannot parse: n/a (apt-get install python3-link-grammar)")
-    print(f"short descriptions (out of domain): {share(*result['short_descriptions'])}")
+    print(f"short descriptions: {share(*result['short_descriptions'])}")
     if "concepts_name_subject" in result:
         print(
             f"photos whose top {CONCEPTS_CHECKED} concepts name the subject: "
