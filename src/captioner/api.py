@@ -89,13 +89,12 @@ class Captioner:
         self.backend = "torch"
         if backend in ("auto", "onnx"):
             try:
-                from captioner.model.onnx_decoder import OrtStepper, exported_decoder_dir
+                from captioner.model.onnx_decoder import load_stepper
 
                 # one thread: a decoder step is a few small matmuls, where waking a second
                 # thread costs more than it saves (measured: 46 vs 56 ms per caption)
                 wanted = decoder_precision(precision, self.precision)
-                onnx_dir = exported_decoder_dir(model.decoder, wanted)
-                self.stepper = OrtStepper(onnx_dir, model.decoder.config.cell, threads=1)
+                self.stepper = load_stepper(model.decoder, wanted, threads=1)
                 self.decoder_precision = wanted
                 self.backend = "onnx"
             except Exception:  # noqa: BLE001 - ORT missing or export failed: PyTorch still works

@@ -56,7 +56,7 @@ class FeatureExtractor:
         elif backend in ("auto", "onnx"):
             try:
                 self.encoder_file = export_encoder(name)
-                self._session = ort_session(self.encoder_file, threads)
+                self._session = repaired_session(name, self.encoder_file, threads)
                 self.backend = "onnx"
             except Exception as exc:  # noqa: BLE001 - any ORT/export failure falls back
                 if backend == "onnx":
@@ -85,3 +85,21 @@ class FeatureExtractor:
         with torch.inference_mode():
             grid = self._torch(torch.from_numpy(batch))  # (B, P, C)
             return grid.numpy(), self._torch.concept_logits(grid).numpy()
+
+
+def repaired_session(name: str, path: Path, threads: int | None):
+    """An ORT session over the cached encoder export; a file ONNX Runtime cannot load (cut,
+    emptied) is exported again, once, with a warning, instead of every run falling back to
+    PyTorch (3.7x slower)."""
+    try:
+        return ort_session(path, threads)
+    except ImportError:
+        raise  # no ONNX Runtime: nothing to repair
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is repaired the same way
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        warnings.warn(
+            f"the cached ONNX encoder {path} could not be loaded ({reason}); exporting it again",
+            stacklevel=3,
+        )
+    path.unlink(missing_ok=True)
+    return ort_session(export_encoder(name, path), threads)

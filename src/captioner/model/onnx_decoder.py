@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -336,3 +338,26 @@ class OrtStepper:
             tuple(map(torch.from_numpy, new_state)),
             torch.from_numpy(alpha),
         )
+
+
+def load_stepper(decoder: ShowAttendTellDecoder, precision: str, threads: int = 1) -> OrtStepper:
+    """An OrtStepper over these weights' exported graphs. Graphs ONNX Runtime cannot load (a
+    cut or emptied cache file) are exported again, once, with a warning, instead of the
+    decoder falling back to PyTorch (slower) on every run from then on."""
+    onnx_dir = exported_decoder_dir(decoder, precision)
+    try:
+        return OrtStepper(onnx_dir, decoder.config.cell, threads=threads)
+    except ImportError:
+        raise  # no ONNX Runtime: nothing to repair
+    except Exception as exc:  # noqa: BLE001 - any unreadable graph is repaired the same way
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        warnings.warn(
+            f"the cached ONNX decoder in {onnx_dir} could not be loaded ({reason}); "
+            "exporting it again",
+            stacklevel=2,
+        )
+    fp32_dir = exported_decoder_dir(decoder, "fp32") if precision != "fp32" else onnx_dir
+    for folder in {onnx_dir, fp32_dir}:
+        shutil.rmtree(folder, ignore_errors=True)
+    onnx_dir = exported_decoder_dir(decoder, precision)
+    return OrtStepper(onnx_dir, decoder.config.cell, threads=threads)
