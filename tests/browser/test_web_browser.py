@@ -127,7 +127,9 @@ def expected_cell(t: int, g: int = 7) -> tuple[float, float]:
 
 def upload_and_check_caption(page, photo: Path):
     page.set_input_files("#file", str(photo))
-    sync_api.expect(page.locator("#caption")).to_contain_text("picture 640x427", timeout=10_000)
+    sync_api.expect(page.locator("#caption")).to_contain_text(
+        "picture 512x342", timeout=10_000
+    )  # decoded at <= 512 px
     words = page.locator("#words .word")
     assert words.count() == 7
     assert page.locator("#alternatives li").count() == 3
@@ -190,7 +192,9 @@ def test_overlay_covers_only_the_letterboxed_picture(browser, server_url, tmp_pa
     context, page = new_page(browser, server_url, 1280, 800, errors)
     try:
         page.set_input_files("#file", str(tall))
-        sync_api.expect(page.locator("#caption")).to_contain_text("300x900", timeout=10_000)
+        sync_api.expect(page.locator("#caption")).to_contain_text(
+            "171x512", timeout=10_000
+        )  # decoded at <= 512 px
         page.locator("#words .word").nth(0).click()
         img = page.locator("#preview").bounding_box()
         canvas = page.locator("#overlay").bounding_box()
@@ -219,7 +223,7 @@ def test_drag_and_drop(browser, server_url, photo):
             }""",
             data,
         )
-        sync_api.expect(page.locator("#caption")).to_contain_text("640x427", timeout=10_000)
+        sync_api.expect(page.locator("#caption")).to_contain_text("512x342", timeout=10_000)
     finally:
         context.close()
     assert errors == []

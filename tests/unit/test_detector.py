@@ -305,3 +305,39 @@ def test_group_nouns_need_one_of_the_gated_classes():
     assert bias[0, 1] == 0 and bias[0, 3] < 0  # a group of dogs may be said, a man not
     assert bias[1, 1] == pytest.approx(bias[1, 4]) and bias[1, 4] < 0  # neither: the milder
     assert gate.names_gated_word([0, 1, 2], gated)
+
+
+def test_the_bundled_model_says_less_on_a_photo_unlike_its_training_photos():
+    """End to end, the bundled model and detector: noise is out of domain, so the caption is a
+    short description, the decoder's sentence kept as the first alternative, and every output
+    form says so."""
+    from captioner.api import Captioner
+    from captioner.web.schemas import to_response
+
+    noise = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    (result,) = Captioner.from_pretrained().caption(noise)
+    assert result.out_of_domain and result.short
+    assert result.tokens[0] in ("a", "an") and len(result.tokens) == 2
+    assert result.alternatives[0][0] != result.caption  # the sentence it replaced
+    assert result.attention.shape[0] == 2  # one (uniform) map per word
+    assert result.to_dict()["short"] is True
+    assert to_response(result, attention=False).short is True
+
+
+def test_grounding_with_non_finite_weights_is_refused(tmp_path):
+    """NaN grounding weights once gave the caption "" scored -inf (invalid JSON): one clear
+    error at load instead."""
+    from safetensors.numpy import load_file, save_file
+
+    from captioner.api import bundled_model_dir
+    from captioner.grounding.grounder import GROUNDING_CONFIG, GROUNDING_WEIGHTS, Grounder
+
+    folder = tmp_path / "grounded"
+    folder.mkdir()
+    shutil.copy(bundled_model_dir() / GROUNDING_CONFIG, folder / GROUNDING_CONFIG)
+    tensors = load_file(str(bundled_model_dir() / GROUNDING_WEIGHTS))
+    tensors["base_rate"] = tensors["base_rate"].copy()
+    tensors["base_rate"][3] = np.nan
+    save_file(tensors, str(folder / GROUNDING_WEIGHTS))
+    with pytest.raises(CheckpointError, match="non-finite values in base_rate"):
+        Grounder.from_pretrained(folder)

@@ -53,6 +53,7 @@ def result_record(key: str, result: CaptionResult) -> dict:
     if result.in_domain is not None:
         record["in_domain"] = _rounded(result.in_domain)
         record["out_of_domain"] = bool(result.out_of_domain)
+        record["short"] = bool(getattr(result, "short", False))
     return record
 
 

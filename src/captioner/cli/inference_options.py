@@ -54,10 +54,16 @@ def grounding_lines(result) -> list[str]:
     if result.in_domain is None:
         return []
     seen = ", ".join(f"{w} {p:.2f}" for w, p in result.concepts) or "(nothing above 0.05)"
-    lines = [f"concepts:   {seen}", f"in-domain:  {result.in_domain:.3f}"]
+    verdict = "out of domain" if result.out_of_domain else "in domain: like the training photos"
+    lines = [f"concepts:   {seen}", f"in-domain:  {result.in_domain:.3f} ({verdict})"]
     if result.out_of_domain:
         lines.append(
             "warning:    this photo is unlike the training photos (out of domain): "
             "the caption may well be wrong"
+        )
+    if getattr(result, "short", False):
+        lines.append(
+            "note:       a short description: the evidence supports no full sentence "
+            f"(the decoder said: {result.alternatives[0][0] if result.alternatives else '-'})"
         )
     return lines

@@ -17,6 +17,7 @@ from captioner.features.quantize import DEFAULT_PRECISION, check_precision
 from captioner.settings import cap_threads
 
 log = logging.getLogger(__name__)
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
 def serve(
@@ -67,12 +68,16 @@ def serve(
     resolve_device(device)  # before the port and the model: a missing GPU is one clear error
     check_port(host, port)  # before loading the model: a busy port is an error at once
 
-    def load_model():
-        from captioner.api import Captioner
+    if log_level.lower() not in LOG_LEVELS:
+        raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, not {log_level!r}")
+    from captioner.api import Captioner
 
-        return Captioner.from_pretrained(model, backend=backend, precision=precision, device=device)
-
-    app = create_app(load_model, settings)
+    # loaded here, not in the app's startup: a bad --model or --backend is then one clear
+    # error, where uvicorn would print the startup's traceback before it
+    captioner = Captioner.from_pretrained(
+        model, backend=backend, precision=precision, device=device
+    )
+    app = create_app(lambda: captioner, settings)
     if not _is_loopback(host):
         log.warning(
             "serving on %s: reachable from other machines; the service has no authentication",
@@ -83,7 +88,7 @@ def serve(
         header_timeout_s=settings.header_timeout_s,
         host=host,
         port=port,
-        log_level=log_level,
+        log_level=log_level.lower(),
         timeout_graceful_shutdown=10,
     )
     server = uvicorn.Server(config)

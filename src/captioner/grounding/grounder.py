@@ -313,6 +313,11 @@ class Grounder:
             config = GroundingConfig.from_json(meta["config"])
             vocab_size = int(meta["vocab_size"])
             t = load_file(str(path / GROUNDING_WEIGHTS))
+            damaged = sorted(
+                k for k, v in t.items() if v.dtype.kind == "f" and not np.isfinite(v).all()
+            )
+            if damaged:  # NaN weights gave "" captions scored -inf, silently
+                raise ValueError(f"non-finite values in {', '.join(damaged)}")
             domain = DomainScorer.from_tensors(t, config.residual_variance, config.threshold)
             detector = None
             if "detector_weight" in t:

@@ -51,6 +51,11 @@ class CaptionResponse(BaseModel):
         default=False,
         description="The photo is unlike the training photos: the caption may well be wrong.",
     )
+    short: bool = Field(
+        default=False,
+        description='The caption is a short description ("a cat"): the evidence supports '
+        "no full sentence; the decoder's sentence is the first alternative.",
+    )
 
 
 class HealthResponse(BaseModel):
@@ -136,4 +141,5 @@ def to_response(result: Any, attention: bool) -> CaptionResponse:
         ],
         in_domain=_finite(getattr(result, "in_domain", None)),
         out_of_domain=bool(getattr(result, "out_of_domain", False)),
+        short=bool(getattr(result, "short", False)),
     )
