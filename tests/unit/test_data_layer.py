@@ -1,6 +1,7 @@
 """The data layer's imports (docs/ARCHITECTURE.md, "Layers"): it reads only the base modules
-below it, never features/model/... above it, and no two of its modules import each other, not
-even through a function-level (lazy) import."""
+below it, never features/model/... above it, not even through a function-level (lazy) import.
+(No two of its modules import each other: test_package_layout.py checks that for every
+package.)"""
 
 from __future__ import annotations
 
@@ -39,24 +40,3 @@ def test_data_imports_nothing_above_the_base_layer():
         if target.split(".")[1] not in BASE | {"data"}
     }
     assert not upward, sorted(upward)
-
-
-def test_no_two_data_modules_import_each_other():
-    graph = {
-        module: {t.split(".")[2] for t in targets if t.startswith("captioner.data.")}
-        for module, targets in _data_graph().items()
-    }
-
-    def reaches(start: str, goal: str) -> bool:
-        seen, todo = set(), [start]
-        while todo:
-            here = todo.pop()
-            if here == goal:
-                return True
-            if here not in seen:
-                seen.add(here)
-                todo.extend(graph.get(here, ()))
-        return False
-
-    cycles = sorted(f"{a} <-> {b}" for a in graph for b in graph[a] if reaches(b, a))
-    assert not cycles, cycles

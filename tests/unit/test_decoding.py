@@ -510,7 +510,7 @@ def has_repeated_ngram(ids: list[int], n: int) -> bool:
 
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_blocking_reference_agrees_with_the_vectorised_mask(n):
-    from captioner.decoding.greedy import block_repeated_ngrams
+    from captioner.decoding.steps import block_repeated_ngrams
 
     rng = np.random.default_rng(n)
     history = torch.from_numpy(rng.integers(2, 6, size=(40, 7)))  # (N, t) with many repeats
@@ -672,7 +672,7 @@ def test_fused_ort_batch_gives_what_each_image_gives_alone(ort_decoder):
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_repeated_ngram_tokens_is_block_repeated_ngrams_in_numpy(n):
     from captioner.decoding.fused import repeated_ngram_tokens
-    from captioner.decoding.greedy import block_repeated_ngrams
+    from captioner.decoding.steps import block_repeated_ngrams
 
     history = torch.randint(0, 5, (40, 9), generator=torch.Generator().manual_seed(n))
     history[0, -1] = 2  # <end> itself is never blocked

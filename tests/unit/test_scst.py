@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from captioner.data.synthetic import make_shapes_dataset
 from captioner.data.vocab import SPECIAL_TOKENS, Vocabulary
-from captioner.decoding.greedy import banned_ids, masked_log_probs
+from captioner.decoding.steps import banned_ids, masked_log_probs
 from captioner.errors import ConfigError
 from captioner.model.captioning_model import CaptioningModel
 from captioner.model.config import DecoderConfig

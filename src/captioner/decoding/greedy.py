@@ -8,9 +8,8 @@ import torch
 
 from captioner.decoding.beam import beam_search
 from captioner.decoding.fused import uses_fused
-from captioner.decoding.steps import (  # noqa: F401 - re-exported for older imports
+from captioner.decoding.steps import (
     DecodeResult,
-    Hypothesis,
     Stepper,
     banned_ids,
     block_repeated_ngrams,
