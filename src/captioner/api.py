@@ -151,13 +151,18 @@ class Captioner:
 
     def encode(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """Images -> encoder grids (B, P, C) float32."""
-        arrays = [load_image(img) for img in images]
-        return torch.from_numpy(self.extractor(preprocess(arrays, self.spec)))
+        return self._encode_arrays([load_image(img) for img in images], concepts=False)[0]
 
     def encode_with_concepts(self, images: Sequence[ImageInput]) -> tuple[torch.Tensor, np.ndarray]:
         """Images -> (grids (B, P, C) float32, ImageNet logits (B, 1000)), one encoder pass."""
-        arrays = [load_image(img) for img in images]
-        grid, logits = self.extractor.with_concepts(preprocess(arrays, self.spec))
+        return self._encode_arrays([load_image(img) for img in images], concepts=True)
+
+    def _encode_arrays(self, arrays: list[np.ndarray], concepts: bool):
+        """RGB arrays -> (grids (B, P, C) tensor, ImageNet logits (B, 1000) or None)."""
+        batch = preprocess(arrays, self.spec)
+        if not concepts:
+            return torch.from_numpy(self.extractor(batch)), None
+        grid, logits = self.extractor.with_concepts(batch)
         return torch.from_numpy(grid), logits
 
     def concept_logits(self, features: torch.Tensor) -> np.ndarray:
@@ -246,15 +251,11 @@ class Captioner:
         detector's input size (``detector_images``): the keyword arguments of
         ``caption_features`` that come from the images."""
         arrays = [load_image(img) for img in images]
-        if self.grounder is None:
-            features = torch.from_numpy(self.extractor(preprocess(arrays, self.spec)))
-            return {"features": features, "concept_logits": None}
-        grid, logits = self.extractor.with_concepts(preprocess(arrays, self.spec))
-        return {
-            "features": torch.from_numpy(grid),
-            "concept_logits": logits,
-            "detector_images": self.second_look.thumbnails(arrays),
-        }
+        features, logits = self._encode_arrays(arrays, concepts=self.grounder is not None)
+        encoded = {"features": features, "concept_logits": logits}
+        if self.grounder is not None:
+            encoded["detector_images"] = self.second_look.thumbnails(arrays)
+        return encoded
 
     def caption_batches(
         self, batches: Iterable[Sequence[ImageInput]], **options: Any
@@ -414,11 +415,10 @@ class Captioner:
         enabled: bool,
         strength: float | None,
     ):
-        """(per-image ImageGrounding list, (B, V) word bias or None) for a batch of grids."""
+        """(per-image ImageGrounding list, (B, V) word bias or None) for a batch of grids and
+        their concept logits (None only for a model without grounding)."""
         if self.grounder is None:
             return None, None
-        if logits is None:
-            logits = self.concept_logits(features)
         grid = features.detach().float().cpu().numpy()  # (B, P, C) grounding is numpy
         pooled_features = pooled(grid)  # (B, C) for the domain scorer and the word detector
         described, scores = self.grounder.describe(grid, logits, pooled_features)

@@ -92,15 +92,22 @@ class ObjectDetector:
                 )
         return cls(onnx_path, labels, size, threads)
 
-    def preprocess(self, images: list[np.ndarray]) -> np.ndarray:
-        """RGB uint8 (H, W, 3) arrays -> (B, S, S, 3) float32 in [-1, 1], a plain resize (what
-        the model was trained on; no crop, so a person at the edge stays in)."""
-        batch = np.empty((len(images), self.size, self.size, 3), dtype=np.float32)
+    def thumbnails(self, images: list[np.ndarray]) -> np.ndarray:
+        """RGB uint8 (H, W, 3) arrays -> (B, S, S, 3) uint8 at the input size, a plain resize
+        (what the model was trained on; no crop, so a person at the edge stays in). Photos
+        already at that size (thumbnails kept from before) are taken as they are."""
+        out = np.empty((len(images), self.size, self.size, 3), dtype=np.uint8)
         for i, array in enumerate(images):
-            image = Image.fromarray(np.asarray(array, dtype=np.uint8)).convert("RGB")
-            resized = image.resize((self.size, self.size), Image.BILINEAR)
-            batch[i] = np.asarray(resized, dtype=np.float32) / 127.5 - 1.0
-        return batch
+            array = np.asarray(array, dtype=np.uint8)
+            if array.shape != (self.size, self.size, 3):
+                image = Image.fromarray(array).convert("RGB")
+                array = np.asarray(image.resize((self.size, self.size), Image.BILINEAR))
+            out[i] = array
+        return out
+
+    def preprocess(self, images: list[np.ndarray]) -> np.ndarray:
+        """RGB uint8 (H, W, 3) arrays -> (B, S, S, 3) float32 in [-1, 1]."""
+        return self.thumbnails(images).astype(np.float32) / 127.5 - 1.0
 
     def __call__(self, images: list[np.ndarray]) -> DetectorOutput:
         if not images:

@@ -18,6 +18,7 @@ from captioner.features.onnx_export import (  # noqa: F401 - re-exported for old
     _quiet_export,
     cache_root,
     export_encoder,
+    load_failure,
     ort_session,
 )
 from captioner.features.quantize import require_int8_encoder, resolve_precision
@@ -96,9 +97,9 @@ def repaired_session(name: str, path: Path, threads: int | None):
     except ImportError:
         raise  # no ONNX Runtime: nothing to repair
     except Exception as exc:  # noqa: BLE001 - any unreadable file is repaired the same way
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         warnings.warn(
-            f"the cached ONNX encoder {path} could not be loaded ({reason}); exporting it again",
+            f"the cached ONNX encoder {path} could not be loaded ({load_failure(exc)}); "
+            "exporting it again",
             stacklevel=3,
         )
     path.unlink(missing_ok=True)

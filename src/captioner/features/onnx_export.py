@@ -64,6 +64,12 @@ def export_encoder(name: str, path: Path | None = None) -> Path:
     return path
 
 
+def load_failure(exc: BaseException) -> str:
+    """The first line of why ONNX Runtime could not load a file (for a one-line warning)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
 def ort_session(path: Path, threads: int | None = None):
     import onnxruntime as ort
 

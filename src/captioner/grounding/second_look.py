@@ -19,15 +19,12 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from captioner.features.concepts import _singulars, load_object_words
 from captioner.features.detector import DetectorOutput, ObjectDetector
 from captioner.grounding.detection import detector_concepts
 from captioner.grounding.grounder import Grounder, ImageGrounding
 from captioner.grounding.short_description import leading_noun, short_description
-
-DETECTOR_SIZE = 300  # the bundled detector's input (detector.json); thumbnails are made at it
 
 
 class SecondLook:
@@ -64,11 +61,7 @@ class SecondLook:
         beside the grids until decoding says whether the detector is needed)."""
         if not self.wanted:
             return None
-        out = np.empty((len(arrays), DETECTOR_SIZE, DETECTOR_SIZE, 3), dtype=np.uint8)
-        for i, array in enumerate(arrays):
-            image = Image.fromarray(np.asarray(array, dtype=np.uint8)).convert("RGB")
-            out[i] = np.asarray(image.resize((DETECTOR_SIZE, DETECTOR_SIZE), Image.BILINEAR))
-        return out
+        return self.detector.thumbnails(list(arrays))
 
     def __call__(
         self,

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from captioner.errors import ConfigError
-from captioner.features.onnx_export import _quiet_export, cache_root, ort_session
+from captioner.features.onnx_export import _quiet_export, cache_root, load_failure, ort_session
 from captioner.io import atomic_path
 from captioner.model.decoder import ShowAttendTellDecoder
 
@@ -350,9 +350,8 @@ def load_stepper(decoder: ShowAttendTellDecoder, precision: str, threads: int = 
     except ImportError:
         raise  # no ONNX Runtime: nothing to repair
     except Exception as exc:  # noqa: BLE001 - any unreadable graph is repaired the same way
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         warnings.warn(
-            f"the cached ONNX decoder in {onnx_dir} could not be loaded ({reason}); "
+            f"the cached ONNX decoder in {onnx_dir} could not be loaded ({load_failure(exc)}); "
             "exporting it again",
             stacklevel=2,
         )
