@@ -14,6 +14,8 @@ caption (attention maps included, as the CLI and the web app ask for them).
   with the others: "grounded, no detector" (the grounding without the person/animal detector's
   gate and short descriptions: the path before the detector) and "grounded + detector" (what
   ``Captioner.from_pretrained`` runs now);
+- with ``--compare-sentences``, also "ONNX Runtime, no sentence check": ours with
+  ``prefer_sentences`` off (no link-grammar parse of the finished beams), interleaved;
 - with ``--compare-int8-decoder``, also "ONNX Runtime, fp32 decoder": the ONNX path with the
   fp32 decoder graphs beside the same encoder, against ours with the int8 ones (ours is
   then built with ``precision="int8"``: the int8 encoder must exist), interleaved likewise.
@@ -239,6 +241,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also time the grounded path with and without the person/animal detector",
     )
     p.add_argument(
+        "--compare-sentences",
+        action="store_true",
+        help="also time the same model without the check that prefers a beam that is a "
+        "sentence (link-grammar), interleaved",
+    )
+    p.add_argument(
         "--compare-int8-decoder",
         action="store_true",
         help="ours with int8 decoder graphs, also timed with the fp32 ones (interleaved)",
@@ -305,6 +313,17 @@ def main(argv: list[str] | None = None) -> int:
         for label, grounder in grounded_pair(model_path):
             grounded = Captioner(model, backend="onnx", threads=args.threads, grounder=grounder)
             backends.insert(1, Backend(label, grounded))
+    if args.compare_sentences:
+        # the same model, reloaded so that its decoding defaults can differ in one setting
+        unchecked = CaptioningModel.from_pretrained(model_path)
+        unchecked.generation["prefer_sentences"] = False
+        backends.insert(
+            1,
+            Backend(
+                "ONNX Runtime, no sentence check",
+                Captioner(unchecked, backend="onnx", threads=args.threads),
+            ),
+        )
     if args.compare_int8_decoder:
         from captioner.model.onnx_decoder import OrtStepper, exported_decoder_dir
 
@@ -391,6 +410,11 @@ def main(argv: list[str] | None = None) -> int:
         against(
             next(b for b in backends if b.label == "ONNX Runtime, plain step"),
             "plain step / fused step",
+        )
+    if args.compare_sentences:
+        against(
+            next(b for b in backends if b.label == "ONNX Runtime, no sentence check"),
+            "no sentence check / sentence check",
         )
     if args.compare_int8_decoder:
         against(

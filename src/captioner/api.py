@@ -15,8 +15,10 @@ import numpy as np
 import torch
 
 from captioner.data.images import ImageInput, load_image
+from captioner.decoding.sentences import prefer_sentences as rerank_by_sentence
 from captioner.devices import resolve_device
 from captioner.errors import CheckpointError, ConfigError
+from captioner.evaluation.grammar import complete_sentence_check
 from captioner.features.encoders import preprocess
 from captioner.features.onnx import FeatureExtractor
 from captioner.features.quantize import DEFAULT_PRECISION, check_precision, decoder_precision
@@ -196,6 +198,7 @@ class Captioner:
         no_repeat_ngram_size: int | None = None,
         grounding: bool = True,
         grounding_strength: float | None = None,
+        prefer_sentences: bool | None = None,
     ) -> list[CaptionResult]:
         """Caption one image or many (paths, bytes, PIL images or RGB arrays); one result each.
 
@@ -203,7 +206,8 @@ class Captioner:
         grounded model, ``grounding=False`` decodes without the concepts' word bias (concepts
         and the in-domain score are still reported); ``grounding_strength`` replaces the
         per-image strength (dev choice in domain, ``ood_strength`` outside) by one value for
-        every image (0 = no bias)."""
+        every image (0 = no bias). ``prefer_sentences=False`` keeps the best-scored beam even
+        when another finished beam is a sentence and it is not (see decoding/sentences.py)."""
         if isinstance(images, (str, os.PathLike, bytes, np.ndarray)) or not isinstance(
             images, Sequence
         ):
@@ -225,6 +229,7 @@ class Captioner:
             concept_logits=encoded["concept_logits"],
             detector_images=encoded.get("detector_images"),
             detections=encoded.get("detections"),
+            prefer_sentences=prefer_sentences,
         )
 
     @property
@@ -296,6 +301,7 @@ class Captioner:
         concept_logits: np.ndarray | None = None,
         detector_images: np.ndarray | None = None,
         detections: np.ndarray | Callable[[], np.ndarray] | None = None,
+        prefer_sentences: bool | None = None,
     ) -> list[CaptionResult]:
         """Decode precomputed encoder grids (B, P, C), e.g. from the feature cache.
 
@@ -313,6 +319,7 @@ class Captioner:
             length_penalty=length_penalty,
             suppress_unk=suppress_unk,
             no_repeat_ngram_size=no_repeat_ngram_size,
+            prefer_sentences=prefer_sentences,
         )
         beam_size, max_length = g["beam_size"], g["max_length"]
         length_penalty, suppress_unk = g["length_penalty"], g["suppress_unk"]
@@ -380,6 +387,13 @@ class Captioner:
                 features,
                 decode,
                 detections,
+            )
+        if g["prefer_sentences"] and (parses := complete_sentence_check()) is not None:
+            itos = self.vocab.itos
+            decoded = rerank_by_sentence(
+                decoded,
+                lambda ids: parses(" ".join(itos[t] for t in ids)),
+                skip=[s is not None for s in short],
             )
         side = self.grid_size
         results = []

@@ -420,6 +420,16 @@ def test_real_decoder_results_match_a_teacher_forced_replay(cell, beam_size):
         np.testing.assert_allclose(result.alphas, alphas, atol=1e-5)
 
 
+def test_every_alternative_carries_its_own_attention():
+    stepper = random_stepper(9, seed=5, end_bias=0.5)
+    for i, result in enumerate(beam_search(stepper, toy_features(3), beam_size=4, max_length=6)):
+        assert len(result.alternative_alphas) == len(result.alternatives)
+        np.testing.assert_array_equal(result.alternative_alphas[0], result.alphas)
+        for (ids, _), alphas in zip(result.alternatives, result.alternative_alphas, strict=True):
+            expected = [stepper.alpha(i, tuple(ids[:n])) for n in range(len(ids))]
+            np.testing.assert_allclose(alphas, np.array(expected).reshape(-1, 4), atol=1e-6)
+
+
 def test_toy_attention_follows_the_backpointers():
     stepper = random_stepper(9, seed=5, end_bias=0.5)
     features = toy_features(3)

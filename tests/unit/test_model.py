@@ -324,6 +324,7 @@ def test_save_pretrained_round_trip(saved_model):
         "length_penalty": 1.0,
         "suppress_unk": True,
         "no_repeat_ngram_size": 2,  # the bundle's repeat blocking: trained models inherit it
+        "prefer_sentences": True,
     }
     config = json.loads((saved_model / "config.json").read_text())
     assert config["format_version"] == 1

@@ -269,9 +269,13 @@ def _results(
         if not hyps:  # the stepper gave every allowed token zero probability
             results.append(DecodeResult([], float("-inf"), np.zeros((0, P), np.float32), []))
             continue
-        score, ids, steps, slots = hyps[0]
-        alphas = np.zeros((len(ids), P), dtype=np.float32)  # (L, P)
-        for row, (tt, s) in enumerate(zip(steps, slots, strict=True)):
-            alphas[row] = alpha_hist[tt][position[tt][b], s]
-        results.append(DecodeResult(ids, score, alphas, [(h[1], h[0]) for h in hyps]))
+        every_alphas = []
+        for _, ids, steps, slots in hyps:
+            alphas = np.zeros((len(ids), P), dtype=np.float32)  # (L, P)
+            for row, (tt, s) in enumerate(zip(steps, slots, strict=True)):
+                alphas[row] = alpha_hist[tt][position[tt][b], s]
+            every_alphas.append(alphas)
+        score, ids = hyps[0][0], hyps[0][1]
+        alternatives = [(h[1], h[0]) for h in hyps]
+        results.append(DecodeResult(ids, score, every_alphas[0], alternatives, every_alphas))
     return results

@@ -55,6 +55,8 @@ class DecodeResult:
     score: float  # sum of log-probs / length ** length_penalty (length counts <end>)
     alphas: np.ndarray  # (len(token_ids), P) float32 attention per returned token
     alternatives: list[tuple[list[int], float]] = field(default_factory=list)  # best first
+    # (L_k, P) attention of each alternative, when the decoder kept it (beam search does)
+    alternative_alphas: list[np.ndarray] = field(default_factory=list)
 
 
 Hypothesis = DecodeResult  # alias: one decoded hypothesis with its score and attention

@@ -12,7 +12,7 @@ from __future__ import annotations
 import atexit
 import sys
 from collections.abc import Callable
-from functools import cache
+from functools import cache, lru_cache
 
 DEBIAN_DIST_PACKAGES = "/usr/lib/python3/dist-packages"
 
@@ -35,6 +35,7 @@ def sentence_parser() -> Callable[[str], bool] | None:
     dictionary = Dictionary("en")
     options = ParseOptions(min_null_count=0, max_null_count=0, verbosity=0)
 
+    @lru_cache(maxsize=1 << 16)  # a caption model repeats itself: most checks are lookups
     def parses(caption: str) -> bool:
         return bool(caption.strip()) and len(Sentence(caption, dictionary, options).parse()) > 0
 
@@ -42,3 +43,28 @@ def sentence_parser() -> Callable[[str], bool] | None:
     # the interpreter has already torn the module down)
     atexit.register(sentence_parser.cache_clear)
     return parses
+
+
+# closed-class words no finished caption ends with: link-grammar accepts the ellipsis of "a boy
+# in a blue shirt is" (as in "... that is who he is"), a reader takes it for a cut-off sentence
+DANGLING_ENDINGS = frozenset(
+    "a an the is are was were be been being has have had and or but of in on at to with by "
+    "from for into onto over under near through while his her its their".split()
+)
+
+
+@cache
+def complete_sentence_check() -> Callable[[str], bool] | None:
+    """caption -> whether it is a whole sentence: link-grammar parses it and it does not stop
+    on a word that needs another after it. None when link-grammar is not installed."""
+    parses = sentence_parser()
+    if parses is None:
+        return None
+
+    def complete(caption: str) -> bool:
+        words = caption.split()
+        return bool(words) and words[-1] not in DANGLING_ENDINGS and parses(caption)
+
+    # this closure holds the dictionary too: let it go first (atexit runs last-registered first)
+    atexit.register(complete_sentence_check.cache_clear)
+    return complete

@@ -94,6 +94,10 @@ class GenerationConfig:
         ge=0,
         le=10,
     )
+    prefer_sentences: bool = setting(
+        True,
+        "when the best beam is no sentence, say the best one that is (link-grammar, if installed)",
+    )
 
     def __post_init__(self) -> None:
         check_settings(self, flags=False)
