@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from captioner.data.images import ImageInput, load_image
-from captioner.decoding.sentences import prefer_sentences as rerank_by_sentence
+from captioner.decoding.sentences import sentences_first
 from captioner.devices import resolve_device
 from captioner.errors import CheckpointError, ConfigError
 from captioner.evaluation.grammar import complete_sentence_check
@@ -355,7 +355,7 @@ class Captioner:
         # larger batches have enough work per op to gain from all threads
         single = self.backend.endswith("onnx") and len(features) <= 2
 
-        def decode(features: torch.Tensor, word_bias: torch.Tensor | None) -> list:
+        def decode_at(features: torch.Tensor, word_bias: torch.Tensor | None, width: int) -> list:
             options = dict(
                 max_length=max_length,
                 suppress_unk=suppress_unk,
@@ -366,16 +366,35 @@ class Captioner:
                 **ids,
             )
             with torch.inference_mode(), _single_torch_thread(single):
-                if beam_size == 1:
+                if width == 1:
                     return greedy_decode(self.stepper, features, **options)
-                return beam_search(self.stepper, features, beam_size=beam_size, **options)
+                return beam_search(self.stepper, features, beam_size=width, **options)
+
+        check = complete_sentence_check() if g["prefer_sentences"] else None
+        if check is None or beam_size == 1:
+
+            def decode(features, word_bias, skip=None):  # skip: rows a sentence check leaves
+                return decode_at(features, word_bias, beam_size)
+
+        else:
+            itos = self.vocab.itos
+            decode = sentences_first(
+                decode_at, lambda ids: check(" ".join(itos[t] for t in ids)), beam_size
+            )
 
         looks = described is not None and word_bias is not None and detector_images is not None
         if looks and detections is None and self.second_look.wanted:
             # beam search keeps about one core busy, so the detector runs on the other
             # meanwhile, for every photo (its answer is waited for only where it is needed)
             detections = speculate(self.second_look.detect, detector_images)
-        decoded = decode(features, word_bias)
+        # a photo out of domain is said in a few words from its best beam's subject: its
+        # sentence is not reranked (the second look decides; its re-decodes are)
+        short_anyway = (
+            [g.out_of_domain for g in described]
+            if looks and self.second_look.wanted and self.grounder.config.short_out_of_domain
+            else None
+        )
+        decoded = decode(features, word_bias, short_anyway)
         short: list[list[str] | None] = [None] * len(decoded)
         if looks:
             decoded, short = self.second_look(
@@ -387,13 +406,6 @@ class Captioner:
                 features,
                 decode,
                 detections,
-            )
-        if g["prefer_sentences"] and (parses := complete_sentence_check()) is not None:
-            itos = self.vocab.itos
-            decoded = rerank_by_sentence(
-                decoded,
-                lambda ids: parses(" ".join(itos[t] for t in ids)),
-                skip=[s is not None for s in short],
             )
         side = self.grid_size
         results = []

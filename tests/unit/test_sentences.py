@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from captioner.decoding.sentences import prefer_sentences
+from captioner.decoding.sentences import prefer_sentences, sentences_first
 from captioner.decoding.steps import DecodeResult
 from captioner.evaluation import grammar
 
@@ -44,12 +45,47 @@ def test_the_best_beam_that_is_a_sentence_is_said_with_its_own_attention():
     assert [float(a[0, 0]) for a in chosen.alternative_alphas] == [2, 0, 1]
 
 
-def test_a_sentence_a_skipped_row_or_no_sentence_at_all_stays_as_it_is():
+def test_a_sentence_or_a_row_with_no_sentence_anywhere_stays_as_it_is():
     sentence = beams("a man is smiling", "a man in blue shirt")
     fragments = beams("a man in blue shirt", "a man on blue shirt")
-    skipped = beams("a man in blue shirt", "a man is smiling")
-    kept = prefer_sentences([sentence, fragments, skipped], has_verb, skip=[False, False, True])
-    assert kept == [sentence, fragments, skipped]
+    assert prefer_sentences([sentence, fragments], has_verb) == [sentence, fragments]
+    nothing_wider = lambda rows: [beams("a man in blue shirt", "a man") for _ in rows]  # noqa: E731
+    assert prefer_sentences([sentence, fragments], has_verb, nothing_wider) == [sentence, fragments]
+
+
+def test_a_wider_search_is_asked_only_for_rows_whose_beams_hold_no_sentence():
+    asked = []
+
+    def widen(rows):
+        asked.append(rows)
+        return [beams("a man is smiling", "a man in blue shirt") for _ in rows]
+
+    decoded = [
+        beams("a man in blue shirt", "a man is smiling"),  # its own second beam will do
+        beams("a man in blue shirt", "a man on blue shirt"),
+        beams("a man is smiling"),
+    ]
+    chosen = prefer_sentences(decoded, has_verb, widen)
+    assert asked == [[1]]
+    assert [c.token_ids for c in chosen] == [ids("a man is smiling")] * 3
+    assert (chosen[1].alphas == 0).all()  # the wider search's own best beam, its attention
+
+
+def test_sentences_first_widens_with_the_same_word_bias():
+    calls = []
+
+    def decode(features, word_bias, width):
+        calls.append((features.tolist(), None if word_bias is None else word_bias.tolist(), width))
+        text = "a man is smiling" if width > 3 else "a man in blue shirt"
+        return [beams(text) for _ in range(len(features))]
+
+    run = sentences_first(decode, has_verb, beam_size=3)
+    features, bias = torch.arange(2.0).reshape(2, 1, 1), torch.tensor([[1.0], [2.0]])
+    assert [r.token_ids for r in run(features, bias)] == [ids("a man is smiling")] * 2
+    assert calls == [
+        ([[[0.0]], [[1.0]]], [[1.0], [2.0]], 3),
+        ([[[0.0]], [[1.0]]], [[1.0], [2.0]], 6),
+    ]
 
 
 def test_greedy_results_without_alternative_attention_are_left_alone():
@@ -81,3 +117,10 @@ def test_link_grammar_accepts_the_dangling_copula_that_the_check_refuses():
     assert parses("a boy in a blue shirt is") and not complete("a boy in a blue shirt is")
     assert complete("a boy in a blue shirt is smiling")
     assert not complete("a man in a blue shirt")
+
+
+def test_skipped_rows_keep_their_best_scored_beam_and_are_never_widened():
+    fragment = beams("a man in blue shirt", "a man is smiling")
+    asked = []
+    kept = prefer_sentences([fragment], has_verb, lambda rows: asked.append(rows), skip=[True])
+    assert kept == [fragment] and asked == []
