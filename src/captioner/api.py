@@ -371,29 +371,18 @@ class Captioner:
                 return beam_search(self.stepper, features, beam_size=width, **options)
 
         check = complete_sentence_check() if g["prefer_sentences"] else None
-        if check is None or beam_size == 1:
-
-            def decode(features, word_bias, skip=None):  # skip: rows a sentence check leaves
-                return decode_at(features, word_bias, beam_size)
-
-        else:
-            itos = self.vocab.itos
-            decode = sentences_first(
-                decode_at, lambda ids: check(" ".join(itos[t] for t in ids)), beam_size
-            )
+        itos = self.vocab.itos
+        is_sentence = None if check is None else lambda ids: check(" ".join(itos[t] for t in ids))
+        decode = sentences_first(decode_at, is_sentence, beam_size)
 
         looks = described is not None and word_bias is not None and detector_images is not None
         if looks and detections is None and self.second_look.wanted:
             # beam search keeps about one core busy, so the detector runs on the other
             # meanwhile, for every photo (its answer is waited for only where it is needed)
             detections = speculate(self.second_look.detect, detector_images)
-        # a photo out of domain is said in a few words from its best beam's subject: its
-        # sentence is not reranked (the second look decides; its re-decodes are)
-        short_anyway = (
-            [g.out_of_domain for g in described]
-            if looks and self.second_look.wanted and self.grounder.config.short_out_of_domain
-            else None
-        )
+        # a photo the second look will describe in a few words takes them from its best
+        # beam's subject: its sentence is not reranked (the second look's re-decodes are)
+        short_anyway = self.second_look.short_anyway(described) if looks else None
         decoded = decode(features, word_bias, short_anyway)
         short: list[list[str] | None] = [None] * len(decoded)
         if looks:

@@ -75,13 +75,14 @@ def first_sentence(
 
 def sentences_first(
     decode: Callable[[torch.Tensor, torch.Tensor | None, int], list[DecodeResult]],
-    is_sentence: Callable[[list[int]], bool],
+    is_sentence: Callable[[list[int]], bool] | None,
     beam_size: int,
 ) -> Callable[..., list[DecodeResult]]:
     """``decode(features (B, P, C), word_bias (B, V) or None, beams)`` turned into a decoder
     of (features, word_bias, skip=None) that prefers sentences, widening to ``WIDER *
     beam_size`` beams (with the same word bias) where the first search finished none; ``skip``
-    rows (B,) keep the best-scored beam."""
+    rows (B,) keep the best-scored beam. With no check (None) or one beam (greedy keeps no
+    alternatives), it decodes at ``beam_size`` and nothing more."""
 
     def run(
         features: torch.Tensor,
@@ -93,6 +94,8 @@ def sentences_first(
             return decode(features[rows], bias, WIDER * beam_size)
 
         first = decode(features, word_bias, beam_size)
+        if is_sentence is None or beam_size == 1:
+            return first
         return prefer_sentences(first, is_sentence, widen, skip)
 
     return run

@@ -82,6 +82,7 @@ class SecondLook:
         if not self.wanted:
             return decoded, short
         outside = [g.out_of_domain for g in described]
+        said_short = self.short_anyway(described)
         gated = [
             self.gate.active and self.gate.names_gated_word(d.token_ids, self.gated)
             for d in decoded
@@ -119,9 +120,7 @@ class SecondLook:
         support = self.grounder.support(concept_logits[looked], self.itos)
         for k, i in enumerate(looked):
             described[i].concepts = merged_concepts(described[i].concepts, seen[k])
-            if (outside[i] and self.config.short_out_of_domain) or (
-                salad[i] and not self.reads_as_a_caption(decoded[i])
-            ):
+            if said_short[i] or (salad[i] and not self.reads_as_a_caption(decoded[i])):
                 tokens = [self.itos[t] for t in decoded[i].token_ids]
                 short[i] = short_description(
                     tokens,
@@ -136,6 +135,11 @@ class SecondLook:
                     ],
                 )
         return decoded, short
+
+    def short_anyway(self, described: list[ImageGrounding]) -> list[bool]:
+        """Per photo, whether its caption becomes a short description whatever the decoder
+        says: out of domain, when the grounding asks for short descriptions there."""
+        return [self.config.short_out_of_domain and g.out_of_domain for g in described]
 
     def reads_as_a_caption(self, decoded) -> bool:
         """Whether a decoded caption opens with a noun phrase that has a noun."""
