@@ -252,6 +252,14 @@ def main(argv: list[str] | None = None) -> int:
         help="ours with int8 decoder graphs, also timed with the fp32 ones (interleaved)",
     )
     p.add_argument(
+        "--compare-model",
+        type=Path,
+        default=None,
+        help="also time both models as Captioner.from_pretrained loads them (grounding and "
+        "detector included): this one and --model's, interleaved (e.g. the single-decoder "
+        "bundle beside an ensemble)",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="10 images, 1 batch, 3-image breakdown: a fast end-to-end check",
@@ -332,6 +340,11 @@ def main(argv: list[str] | None = None) -> int:
             exported_decoder_dir(model.decoder, "fp32"), model.decoder.config.cell, threads=1
         )
         backends.insert(1, Backend("ONNX Runtime, fp32 decoder", fp32_decoder))
+    if args.compare_model is not None:
+        for label, path in (("--model as loaded", model_path), ("--compare-model", None)):
+            path = resolve_model_path(args.compare_model) if path is None else path
+            loaded = Captioner.from_pretrained(path, backend="onnx", threads=args.threads)
+            backends.insert(1, Backend(label, loaded))
     torch.set_num_threads(args.threads)  # the torch extractor sets it too; keep it explicit
     print(
         f"setup: {time.perf_counter() - t0:.1f} s (backends {ours.captioner.backend!r} and "
@@ -420,6 +433,18 @@ def main(argv: list[str] | None = None) -> int:
         against(
             next(b for b in backends if b.label == "ONNX Runtime, fp32 decoder"),
             "fp32 decoder / int8 decoder",
+        )
+    if args.compare_model is not None:
+        pair = {b.label: b for b in backends}
+        ratio = np.percentile(pair["--model as loaded"].latencies, 50) / np.percentile(
+            pair["--compare-model"].latencies, 50
+        )
+        thr = (pair["--model as loaded"].batch_images / pair["--model as loaded"].batch_seconds) / (
+            pair["--compare-model"].batch_images / pair["--compare-model"].batch_seconds
+        )
+        print(
+            f"--model / --compare-model ({args.compare_model}), both as loaded: **{ratio:.2f}x** "
+            f"at p50, {thr:.2f}x batched throughput"
         )
     p50 = [np.percentile(b.latencies, 50) for b in (ours, eager)]
     untrained = not isinstance(read_json(Path(model_path) / "config.json").get("extra"), dict)

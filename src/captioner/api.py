@@ -26,6 +26,7 @@ from captioner.grounding.domain import pooled
 from captioner.grounding.grounder import Grounder, word_groups
 from captioner.grounding.second_look import SecondLook
 from captioner.model.captioning_model import CaptioningModel
+from captioner.model.ensemble import ensemble_of
 from captioner.pretrained_paths import bundled_model_dir, resolve_model_path
 from captioner.result import CaptionResult
 from captioner.speculate import speculate
@@ -76,7 +77,7 @@ class Captioner:
         self.model = model
         self.vocab = model.vocab
         self.spec = model.encoder
-        self.stepper = model.decoder
+        self.stepper = ensemble_of(model.decoders)
         self.grounder = grounder  # concepts, in-domain score and word bias (None: plain model)
         self._bias_groups = word_groups(self.vocab.itos)  # (V,) "cat" and "cats" share a bonus
         self._concept_head = None  # torch head for grids that come without logits (cache)
@@ -91,12 +92,12 @@ class Captioner:
         self.backend = "torch"
         if backend in ("auto", "onnx"):
             try:
-                from captioner.model.onnx_decoder import load_stepper
+                from captioner.model.onnx_ensemble import load_steppers
 
                 # one thread: a decoder step is a few small matmuls, where waking a second
                 # thread costs more than it saves (measured: 46 vs 56 ms per caption)
                 wanted = decoder_precision(precision, self.precision)
-                self.stepper = load_stepper(model.decoder, wanted, threads=1)
+                self.stepper = load_steppers(model.decoders, wanted, threads=1)
                 self.decoder_precision = wanted
                 self.backend = "onnx"
             except Exception:  # noqa: BLE001 - ORT missing or export failed: PyTorch still works
@@ -118,7 +119,7 @@ class Captioner:
             raise ConfigError("the int8 encoder runs on ONNX Runtime (CPU): use --device cpu")
         self.extractor = DeviceExtractor(self.spec.name, self.device)
         self.precision = self.decoder_precision = "fp32"
-        self.stepper = self.model.decoder.to(self.device).eval()
+        self.stepper = ensemble_of([d.to(self.device).eval() for d in self.model.decoders])
         self._bias_groups = self._bias_groups.to(self.device)  # (V,)
         self.backend = self.extractor.backend  # "torch-cuda"
 

@@ -63,3 +63,17 @@ def average_cmd(
         run_dir, out, last=last, epochs=epochs or None, log=lambda m: typer.echo(m, err=True)
     )
     typer.echo(f"averaged model: {path}")
+
+
+@friendly_errors
+@disk_full_is_one_line("ensemble")
+def ensemble_cmd(
+    models: list[str] = typer.Argument(..., help="two or more saved model directories"),
+    out: str = typer.Option(..., "--out", help="where to save the ensemble model"),
+) -> None:
+    """Join models trained with other seeds into one ensemble model: beam search uses the mean
+    of their next-word distributions (each caption costs one decoder step per member)."""
+    from captioner.training.averaging import ensemble_models
+
+    path = ensemble_models(models, out, log=lambda m: typer.echo(m, err=True))
+    typer.echo(f"ensemble model: {path} (refit its grounding: captioner ground {path})")

@@ -2,6 +2,12 @@
 
 config.json holds the decoder hyperparameters and the encoder it was trained on (name, image
 size, preprocessing), so a saved model is self-describing: nothing else has to be found.
+
+An *ensemble* (``captioner ensemble``) is the same directory with more decoders over the same
+vocabulary and encoder: config.json's ``ensemble`` lists each extra member's decoder config and
+weights file (``member1.safetensors``, ...), and inference searches with all of them
+(:mod:`captioner.decoding.ensemble`). ``decoder`` stays the first member, so training, averaging
+and export read a single decoder as before.
 """
 
 from __future__ import annotations
@@ -35,7 +41,18 @@ class CaptioningModel:
         encoder: EncoderSpec,
         generation: dict | None = None,
         extra: dict | None = None,
+        members: list[ShowAttendTellDecoder] | None = None,
     ):
+        for other in members or []:
+            if (other.config.num_pixels, other.config.feature_dim, other.config.vocab_size) != (
+                decoder.config.num_pixels,
+                decoder.config.feature_dim,
+                decoder.config.vocab_size,
+            ):
+                raise ConfigError(
+                    "ensemble members must share the grid, feature size and vocabulary of the "
+                    f"first decoder, got {other.config.to_json()} beside {decoder.config.to_json()}"
+                )
         if decoder.config.vocab_size != len(vocab):
             raise ConfigError(
                 f"decoder vocab_size {decoder.config.vocab_size} != vocabulary size {len(vocab)}"
@@ -52,20 +69,29 @@ class CaptioningModel:
         # provenance read from config.json (training settings, dev scores...); save_pretrained
         # writes only the extra it is given, so a caller decides what still holds
         self.extra: dict = dict(extra or {})
+        self.members: list[ShowAttendTellDecoder] = list(members or [])  # beside ``decoder``
+
+    @property
+    def decoders(self) -> list[ShowAttendTellDecoder]:
+        """Every decoder inference searches with: ``decoder``, then the extra members."""
+        return [self.decoder, *self.members]
 
     def save_pretrained(
         self, path: str | Path, dtype: torch.dtype = torch.float32, extra: dict | None = None
     ) -> Path:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().to(dtype).contiguous() for k, v in self.decoder.state_dict().items()}
-        with atomic_path(path / WEIGHTS_FILE) as tmp:
-            save_file(state, str(tmp), metadata={"format": "pt"})
+        _save_weights(self.decoder, path / WEIGHTS_FILE, dtype)
+        ensemble = []
+        for i, member in enumerate(self.members, start=1):
+            _save_weights(member, path / member_file(i), dtype)
+            ensemble.append({"decoder": member.config.to_json(), "weights": member_file(i)})
         self.vocab.save(path / VOCAB_FILE)
         config = {
             "format_version": FORMAT_VERSION,
             "decoder": self.decoder.config.to_json(),
             "encoder": self.encoder.to_json(),
+            **({"ensemble": ensemble} if ensemble else {}),
             **({"extra": extra} if extra else {}),
         }
         atomic_write_json(path / CONFIG_FILE, config)
@@ -116,32 +142,11 @@ class CaptioningModel:
                 f"feature_dim {decoder_config.feature_dim}, but encoder {encoder.name} gives "
                 f"num_pixels {encoder.num_pixels}, feature_dim {encoder.channels}"
             )
-        decoder = ShowAttendTellDecoder(decoder_config)
-        try:
-            state = load_file(str(path / WEIGHTS_FILE), device=device)
-        except Exception as exc:  # safetensors raises its own error types
-            raise CheckpointError(f"{path / WEIGHTS_FILE}: unreadable weights ({exc})") from exc
-        expected = decoder.state_dict()
-        if set(state) != set(expected):
-            raise CheckpointError(
-                f"{path}: weights do not match the config (missing "
-                f"{sorted(set(expected) - set(state))}, "
-                f"unexpected {sorted(set(state) - set(expected))})"
-            )
-        for key, value in state.items():
-            if value.shape != expected[key].shape:
-                raise CheckpointError(
-                    f"{path}: {key} has shape {tuple(value.shape)}, expected "
-                    f"{tuple(expected[key].shape)}"
-                )
-        for key, value in state.items():
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                raise CheckpointError(
-                    f"{path / WEIGHTS_FILE}: {key} contains NaN or infinite values "
-                    "(a diverged or damaged model)"
-                )
-        decoder.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-        decoder.to(device).eval()
+        decoder = _load_decoder(path, WEIGHTS_FILE, decoder_config, device)
+        members = [
+            _load_decoder(path, name, member_config, device)
+            for name, member_config in _ensemble_entries(path, config, decoder_config)
+        ]
         try:
             vocab = Vocabulary.load(path / VOCAB_FILE)
         except VocabularyError as exc:
@@ -156,4 +161,83 @@ class CaptioningModel:
                 generation = GenerationConfig.from_json(generation).to_json()
             except ConfigError as exc:
                 raise ConfigError(f"{path / GENERATION_FILE}: {exc}") from exc
-        return cls(decoder, vocab, encoder, generation, config.get("extra"))
+        return cls(decoder, vocab, encoder, generation, config.get("extra"), members)
+
+
+def member_file(i: int) -> str:
+    """The weights file of the i-th extra ensemble member (1-based)."""
+    return f"member{i}.safetensors"
+
+
+def _save_weights(decoder: ShowAttendTellDecoder, file: Path, dtype: torch.dtype) -> None:
+    state = {k: v.detach().to(dtype).contiguous() for k, v in decoder.state_dict().items()}
+    with atomic_path(file) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+
+
+def _ensemble_entries(
+    path: Path, config: dict, first: DecoderConfig
+) -> list[tuple[str, DecoderConfig]]:
+    """(weights file, decoder config) of each extra member listed in config.json."""
+    entries = config.get("ensemble", [])
+    if not isinstance(entries, list):
+        raise CheckpointError(f"{path / CONFIG_FILE}: 'ensemble' must be a list of members")
+    members = []
+    for i, entry in enumerate(entries, start=1):
+        if not isinstance(entry, dict) or entry.get("weights") != member_file(i):
+            raise CheckpointError(
+                f"{path / CONFIG_FILE}: ensemble member {i} must name its weights "
+                f"{member_file(i)!r}, got {entry!r}"
+            )
+        try:
+            member_config = DecoderConfig.from_json(entry.get("decoder"))
+        except ConfigError as exc:
+            raise ConfigError(f"{path / CONFIG_FILE}: ensemble member {i}: {exc}") from exc
+        if (member_config.num_pixels, member_config.feature_dim, member_config.vocab_size) != (
+            first.num_pixels,
+            first.feature_dim,
+            first.vocab_size,
+        ):
+            raise CheckpointError(
+                f"{path / CONFIG_FILE}: ensemble member {i} has another grid, feature size or "
+                "vocabulary than the first decoder"
+            )
+        if not (path / member_file(i)).is_file():
+            raise CheckpointError(
+                f"{path}: not a saved captioner model ({member_file(i)} is missing)"
+            )
+        members.append((member_file(i), member_config))
+    return members
+
+
+def _load_decoder(
+    path: Path, name: str, decoder_config: DecoderConfig, device: str
+) -> ShowAttendTellDecoder:
+    """One decoder's weights, refused with a clear error when they do not fit its config."""
+    decoder = ShowAttendTellDecoder(decoder_config)
+    try:
+        state = load_file(str(path / name), device=device)
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"{path / name}: unreadable weights ({exc})") from exc
+    expected = decoder.state_dict()
+    if set(state) != set(expected):
+        raise CheckpointError(
+            f"{path}: weights do not match the config (missing "
+            f"{sorted(set(expected) - set(state))}, "
+            f"unexpected {sorted(set(state) - set(expected))})"
+        )
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise CheckpointError(
+                f"{path}: {key} has shape {tuple(value.shape)}, expected "
+                f"{tuple(expected[key].shape)}"
+            )
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(
+                f"{path / name}: {key} contains NaN or infinite values "
+                "(a diverged or damaged model)"
+            )
+    decoder.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    decoder.to(device).eval()
+    return decoder

@@ -95,6 +95,13 @@ class _Search(_Step):
         """tokens (N,), feats (n, P, D), keys (n, P, A), bias (N, V) each row's word bias with
         -inf on the banned ids, cum (n, w) summed log-prob per row, k () -> values, index
         (n, k) into the image's w*V candidates (row * V + word), alpha (N, P), new state."""
+        logits, alpha, new_state = self.logits(tokens, feats, keys, *state)  # (N, V), (N, P)
+        values, index = top_candidates(logits, bias, cum, k)  # (n, k)
+        return (values, index, alpha, *new_state)
+
+    def logits(self, tokens, feats, keys, *state):
+        """The step with the attention broadcast over each image's memory: tokens (N,), feats
+        (n, P, D), keys (n, P, A) -> logits (N, V), alpha (N, P), new state."""
         d = self.decoder
         n, N = feats.size(0), tokens.size(0)
         gh, query, beta = d.w_hidden(state[0]).split(d.hidden_splits, dim=1)  # (N, .)
@@ -106,10 +113,27 @@ class _Search(_Step):
         gx = self.embed_gates[tokens] + d.w_context(context)  # (N, G*H)
         new_state = _gates(d.config.cell, gx, gh, tuple(state))
         logits = d._output(d.embedding(tokens), new_state[0], context)  # (N, V)
-        logits = (logits + bias).reshape(n, -1, logits.size(1))  # (n, w, V)
-        cand = (cum.unsqueeze(2) + torch.log_softmax(logits, dim=2)).reshape(n, -1)  # (n, w*V)
-        values, index = torch.topk(cand, k, dim=1)  # (n, k), best first
-        return (values, index, alpha.reshape(N, -1), *new_state)
+        return logits, alpha.reshape(N, -1), new_state
+
+
+def top_candidates(logits, bias, cum, k):
+    """logits (N, V) + bias (N, V), cum (n, w) -> each image's k best summed log-probs and their
+    index into its w*V candidates (n, k), best first."""
+    n = cum.size(0)
+    logits = (logits + bias).reshape(n, -1, logits.size(1))  # (n, w, V)
+    cand = (cum.unsqueeze(2) + torch.log_softmax(logits, dim=2)).reshape(n, -1)  # (n, w*V)
+    return torch.topk(cand, k, dim=1)  # (n, k), best first
+
+
+# the search graph's dynamic axes: n images, N = n*w rows, w rows per image, k candidates
+SEARCH_AXES = {
+    "tokens": {0: "rows"},
+    "bias": {0: "rows"},
+    "cum": {0: "images", 1: "width"},
+    "values": {0: "images", 1: "k"},
+    "index": {0: "images", 1: "k"},
+    "alpha": {0: "rows"},
+}
 
 
 def _state_names(decoder: ShowAttendTellDecoder) -> list[str]:
@@ -176,14 +200,9 @@ def _export_graphs(decoder: ShowAttendTellDecoder, out_dir: Path) -> None:
                 input_names=["tokens", "feats", "keys", "bias", "cum", "k", *in_state],
                 output_names=["values", "index", "alpha", *out_state],
                 dynamic_axes={
-                    "tokens": {0: "rows"},
+                    **SEARCH_AXES,
                     "feats": {0: "images"},
                     "keys": {0: "images"},
-                    "bias": {0: "rows"},
-                    "cum": {0: "images", 1: "width"},
-                    "values": {0: "images", 1: "k"},
-                    "index": {0: "images", 1: "k"},
-                    "alpha": {0: "rows"},
                     **{name: {0: "rows"} for name in [*in_state, *out_state]},
                 },
             )

@@ -151,3 +151,31 @@ def _span(epochs: list[int]) -> str:
     if len(epochs) > 2 and epochs == list(range(epochs[0], epochs[-1] + 1)):
         return f"{epochs[0]}-{epochs[-1]}"
     return ", ".join(map(str, epochs))
+
+
+def ensemble_models(models: list[str | os.PathLike], out_dir: str | os.PathLike, log=print) -> Path:
+    """Save saved models trained apart (other seeds) as one ensemble model directory: weights
+    cannot be averaged across runs (each run finds its own solution), but their next-word
+    distributions can (:mod:`captioner.decoding.ensemble`). The first model supplies the
+    vocabulary, encoder and decoding settings; every model must share them. Grounding is not
+    carried over: its strength was chosen for one decoder (refit it with ``captioner ground``).
+    """
+    if len(models) < 2:
+        raise ConfigError("an ensemble needs at least two models")
+    loaded = [CaptioningModel.from_pretrained(path) for path in models]
+    first = loaded[0]
+    decoders = []
+    for path, model in zip(models, loaded, strict=True):
+        if model.vocab.itos != first.vocab.itos:
+            raise ConfigError(
+                f"{path}: its vocabulary differs from {models[0]}'s (ensemble members must be "
+                "trained on the same prepared data)"
+            )
+        if model.encoder.to_json() != first.encoder.to_json():
+            raise ConfigError(f"{path}: its encoder differs from {models[0]}'s")
+        decoders.extend(model.decoders)
+    ensemble = CaptioningModel(
+        decoders[0], first.vocab, first.encoder, first.generation, members=decoders[1:]
+    )
+    drop_stale_grounding(Path(out_dir), log)
+    return ensemble.save_pretrained(out_dir, extra={"ensemble_of": [str(path) for path in models]})
