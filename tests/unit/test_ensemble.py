@@ -166,6 +166,12 @@ def test_cli_ensemble(two_models, tmp_path):
     result = runner.invoke(app, ["ensemble", str(two_models[0]), "--out", str(tmp_path / "f")])
     assert result.exit_code != 0
     assert "at least two models" in result.output and "Traceback" not in result.output
+    # export writes one decoder's graphs: an ensemble is refused, not cut to its first member
+    result = runner.invoke(
+        app, ["export", "--model", str(tmp_path / "e"), "--out-dir", str(tmp_path / "onnx")]
+    )
+    assert result.exit_code != 0 and "is an ensemble of 2 decoders" in result.output
+    assert not (tmp_path / "onnx").exists()
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnx"])

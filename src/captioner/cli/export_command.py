@@ -70,6 +70,11 @@ def export_cmd(
         raise ConfigError("--calibration-list names images of --calibration-dir: give both")
 
     captioning_model = CaptioningModel.from_pretrained(resolve_model_path(model))
+    if captioning_model.members:
+        raise ConfigError(
+            f"{model} is an ensemble of {len(captioning_model.decoders)} decoders; export writes "
+            "one decoder's graphs: export each member's own model directory instead"
+        )
     encoder_file, calibration = None, None
     if precision == "int8":
         encoder_file, calibration = _int8_encoder(
