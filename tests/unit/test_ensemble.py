@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from test_model import make_decoder as small_decoder
 from typer.testing import CliRunner
 
@@ -160,8 +161,12 @@ def test_ensemble_directory_errors(two_models, tmp_path):
 
 def test_cli_ensemble(two_models, tmp_path):
     runner = CliRunner()
-    result = runner.invoke(app, ["ensemble", *map(str, two_models), "--out", str(tmp_path / "e")])
+    result = runner.invoke(
+        app, ["ensemble", *map(str, two_models), "--out", str(tmp_path / "e"), "--half"]
+    )
     assert result.exit_code == 0, result.output
+    with safe_open(str(tmp_path / "e" / "member1.safetensors"), "pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.float16 for k in f.keys())
     assert "captioner ground" in result.output
     result = runner.invoke(app, ["ensemble", str(two_models[0]), "--out", str(tmp_path / "f")])
     assert result.exit_code != 0

@@ -70,10 +70,16 @@ def average_cmd(
 def ensemble_cmd(
     models: list[str] = typer.Argument(..., help="two or more saved model directories"),
     out: str = typer.Option(..., "--out", help="where to save the ensemble model"),
+    half: bool = typer.Option(
+        False, "--half", help="store the weights in fp16 (half the size; the bundle's are)"
+    ),
 ) -> None:
     """Join models trained with other seeds into one ensemble model: beam search uses the mean
     of their next-word distributions (each caption costs one decoder step per member)."""
+    import torch
+
     from captioner.training.averaging import ensemble_models
 
-    path = ensemble_models(models, out, log=lambda m: typer.echo(m, err=True))
+    dtype = torch.float16 if half else torch.float32
+    path = ensemble_models(models, out, log=lambda m: typer.echo(m, err=True), dtype=dtype)
     typer.echo(f"ensemble model: {path} (refit its grounding: captioner ground {path})")

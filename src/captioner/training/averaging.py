@@ -153,7 +153,12 @@ def _span(epochs: list[int]) -> str:
     return ", ".join(map(str, epochs))
 
 
-def ensemble_models(models: list[str | os.PathLike], out_dir: str | os.PathLike, log=print) -> Path:
+def ensemble_models(
+    models: list[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    log=print,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
     """Save saved models trained apart (other seeds) as one ensemble model directory: weights
     cannot be averaged across runs (each run finds its own solution), but their next-word
     distributions can (:mod:`captioner.decoding.ensemble`). The first model supplies the
@@ -178,4 +183,6 @@ def ensemble_models(models: list[str | os.PathLike], out_dir: str | os.PathLike,
         decoders[0], first.vocab, first.encoder, first.generation, members=decoders[1:]
     )
     drop_stale_grounding(Path(out_dir), log)
-    return ensemble.save_pretrained(out_dir, extra={"ensemble_of": [str(path) for path in models]})
+    return ensemble.save_pretrained(
+        out_dir, dtype=dtype, extra={"ensemble_of": [str(path) for path in models]}
+    )
