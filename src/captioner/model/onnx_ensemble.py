@@ -5,8 +5,8 @@ search graph runs every member's step on the same rows, mixes their next-word di
 (the weighted mean of their softmaxes, as :class:`captioner.model.ensemble.EnsembleStepper`
 does in torch), adds the word bias, takes the log-softmax and returns each image's k best
 candidates. So an ensemble's beam search is one ONNX Runtime call per step, like a single
-model's, instead of one call per member plus the top-k in torch (2.6x slower per batched image
-with two members, measured before this graph existed).
+model's, instead of one call per member plus the top-k in torch (two members, 20 Flickr8k test
+photos, quiet machine: p50 34.2 against 39.1 ms, batched 31.5 against 25.0 img/s; same captions).
 """
 
 from __future__ import annotations
