@@ -341,8 +341,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         backends.insert(1, Backend("ONNX Runtime, fp32 decoder", fp32_decoder))
     if args.compare_model is not None:
-        for label, path in (("--model as loaded", model_path), ("--compare-model", None)):
-            path = resolve_model_path(args.compare_model) if path is None else path
+        pair = (("--model as loaded", model_path), ("--compare-model", args.compare_model))
+        for label, path in pair:
+            path = resolve_model_path(path)
             loaded = Captioner.from_pretrained(path, backend="onnx", threads=args.threads)
             backends.insert(1, Backend(label, loaded))
     torch.set_num_threads(args.threads)  # the torch extractor sets it too; keep it explicit

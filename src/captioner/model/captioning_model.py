@@ -6,7 +6,7 @@ size, preprocessing), so a saved model is self-describing: nothing else has to b
 An *ensemble* (``captioner ensemble``) is the same directory with more decoders over the same
 vocabulary and encoder: config.json's ``ensemble`` lists each extra member's decoder config and
 weights file (``member1.safetensors``, ...), and inference searches with all of them
-(:mod:`captioner.decoding.ensemble`). ``decoder`` stays the first member, so training, averaging
+(:mod:`captioner.model.ensemble`). ``decoder`` stays the first member, so training, averaging
 and export read a single decoder as before.
 """
 
@@ -44,11 +44,7 @@ class CaptioningModel:
         members: list[ShowAttendTellDecoder] | None = None,
     ):
         for other in members or []:
-            if (other.config.num_pixels, other.config.feature_dim, other.config.vocab_size) != (
-                decoder.config.num_pixels,
-                decoder.config.feature_dim,
-                decoder.config.vocab_size,
-            ):
+            if not _same_inputs(other.config, decoder.config):
                 raise ConfigError(
                     "ensemble members must share the grid, feature size and vocabulary of the "
                     f"first decoder, got {other.config.to_json()} beside {decoder.config.to_json()}"
@@ -169,6 +165,16 @@ def member_file(i: int) -> str:
     return f"member{i}.safetensors"
 
 
+def _same_inputs(a: DecoderConfig, b: DecoderConfig) -> bool:
+    """Whether two decoders read the same grid and feature size and share the vocabulary, so
+    that they can be searched together."""
+    return (a.num_pixels, a.feature_dim, a.vocab_size) == (
+        b.num_pixels,
+        b.feature_dim,
+        b.vocab_size,
+    )
+
+
 def _save_weights(decoder: ShowAttendTellDecoder, file: Path, dtype: torch.dtype) -> None:
     state = {k: v.detach().to(dtype).contiguous() for k, v in decoder.state_dict().items()}
     with atomic_path(file) as tmp:
@@ -193,11 +199,7 @@ def _ensemble_entries(
             member_config = DecoderConfig.from_json(entry.get("decoder"))
         except ConfigError as exc:
             raise ConfigError(f"{path / CONFIG_FILE}: ensemble member {i}: {exc}") from exc
-        if (member_config.num_pixels, member_config.feature_dim, member_config.vocab_size) != (
-            first.num_pixels,
-            first.feature_dim,
-            first.vocab_size,
-        ):
+        if not _same_inputs(member_config, first):
             raise CheckpointError(
                 f"{path / CONFIG_FILE}: ensemble member {i} has another grid, feature size or "
                 "vocabulary than the first decoder"

@@ -28,6 +28,7 @@ from captioner.model.onnx_decoder import (
     SEARCH_AXES,
     OrtStepper,
     _Search,
+    _state_names,
     load_stepper,
     quantize_decoder_dir,
     top_candidates,
@@ -35,10 +36,6 @@ from captioner.model.onnx_decoder import (
 )
 
 SEARCH_GRAPH = "decoder_search.onnx"
-
-
-def _state_count(decoder: ShowAttendTellDecoder) -> int:
-    return 1 if decoder.config.cell == "gru" else 2
 
 
 class _EnsembleSearch(nn.Module):
@@ -49,7 +46,7 @@ class _EnsembleSearch(nn.Module):
     def __init__(self, decoders: Sequence[ShowAttendTellDecoder]):
         super().__init__()
         self.steps = nn.ModuleList(_Search(d) for d in decoders)
-        self.state_counts = [_state_count(d) for d in decoders]
+        self.state_counts = [len(_state_names(d)) for d in decoders]
         weight = 1.0 / len(decoders)
         self.log_weight, self.weight = float(np.log(weight)), weight
 
@@ -75,9 +72,8 @@ def _names(decoders: Sequence[ShowAttendTellDecoder]) -> tuple[list[str], list[s
     memory, state_in, state_out = [], [], []
     for i, d in enumerate(decoders):
         memory += [f"feats_{i}", f"keys_{i}"]
-        states = ["h"] if _state_count(d) == 1 else ["h", "c"]
-        state_in += [f"{s}_in_{i}" for s in states]
-        state_out += [f"{s}_out_{i}" for s in states]
+        state_in += [f"{s}_in_{i}" for s in _state_names(d)]
+        state_out += [f"{s}_out_{i}" for s in _state_names(d)]
     return memory, state_in, state_out
 
 

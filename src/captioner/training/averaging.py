@@ -161,7 +161,7 @@ def ensemble_models(
 ) -> Path:
     """Save saved models trained apart (other seeds) as one ensemble model directory: weights
     cannot be averaged across runs (each run finds its own solution), but their next-word
-    distributions can (:mod:`captioner.decoding.ensemble`). The first model supplies the
+    distributions can (:mod:`captioner.model.ensemble`). The first model supplies the
     vocabulary, encoder and decoding settings; every model must share them. Grounding is not
     carried over: its strength was chosen for one decoder (refit it with ``captioner ground``).
     """
