@@ -176,8 +176,7 @@ class Captioner:
 
             self._concept_head = concept_head(self.spec.name)
         with torch.inference_mode():
-            pooled = features.detach().float().cpu().mean(dim=1)  # (B, C)
-            return self._concept_head(pooled).numpy()  # (B, 1000)
+            return self._concept_head(features.detach().float().cpu()).numpy()  # (B, 1000)
 
     def generation_settings(self, **overrides) -> dict:
         """The model's decoding defaults (generation_config.json) with every override that is

@@ -45,12 +45,14 @@ def split_inputs(prepared: PreparedData, encoder: str) -> dict[str, SplitInputs]
     dirs = ensure_features(prepared, encoder, progress=True)  # resumes or builds view 0
     names, grids = load_cache(dirs[0])  # (N, P, C) fp16
     head = concept_head(encoder)
-    means = []
+    means, logit_chunks = [], []
     with torch.inference_mode():
         for i in range(0, len(names), 512):
-            means.append(grids[i : i + 512].float().mean(dim=1))  # (b, C)
+            chunk = grids[i : i + 512].float()  # (b, P, C)
+            means.append(chunk.mean(dim=1))  # (b, C)
+            logit_chunks.append(head(chunk))  # (b, 1000)
         mean = torch.cat(means)  # (N, C)
-        logits = head(mean).numpy()  # (N, 1000)
+        logits = torch.cat(logit_chunks).numpy()  # (N, 1000)
     unit = unit_rows(mean.numpy())  # (N, C), as domain.pooled() gives for one grid
     index = {n: i for i, n in enumerate(names)}
     out = {}

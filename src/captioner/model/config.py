@@ -23,6 +23,12 @@ class DecoderConfig:
         help="from the vocabulary, including the 4 special tokens", ge=4, le=MAX_VOCAB
     )
     feature_dim: int = setting(1280, "C of the encoder grid (B, P, C)", ge=1, le=MAX_DIM)
+    encoder_top: str = setting(
+        "", "the encoder whose last blocks the decoder runs and fine-tunes ('' = none)"
+    )
+    encoder_top_blocks: int = setting(
+        0, "how many of its last blocks (with its head conv) run in the decoder", ge=0, le=8
+    )
     num_pixels: int = setting(49, "P of the encoder grid", ge=1, le=MAX_DIM)
     cell: str = setting(
         "gru", "gru (the original project) or lstm (Show-Attend-Tell)", choices=CELLS
@@ -42,6 +48,8 @@ class DecoderConfig:
 
     def validate(self) -> None:
         check_settings(self, flags=False)
+        if bool(self.encoder_top) != bool(self.encoder_top_blocks):
+            raise ConfigError("encoder_top and encoder_top_blocks go together: set both or neither")
         count = self.parameter_count()
         if count > MAX_PARAMETERS:
             raise ConfigError(

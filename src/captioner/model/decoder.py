@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from captioner.features.encoders import encoder_top, get_spec
 from captioner.model.config import DecoderConfig
 
 Memory = tuple[torch.Tensor, torch.Tensor]  # (context feats (B, P, D), attention keys (B, P, A))
@@ -50,16 +51,25 @@ class AdditiveAttention(nn.Module):
 
 
 class ShowAttendTellDecoder(nn.Module):
-    def __init__(self, config: DecoderConfig):
+    def __init__(self, config: DecoderConfig, pretrained_top: bool = False):
+        """``pretrained_top``: start the encoder top (if the config has one) from its ImageNet
+        weights, as training does; otherwise its weights are expected from a saved model."""
         super().__init__()
         self.config = config
         c = config
         gates = 3 if c.cell == "gru" else 4
         self.num_gates = gates
+        # the encoder's last blocks, fine-tuned on captions: the grid arrives as the trunk's
+        self.encoder_top = (
+            encoder_top(c.encoder_top, c.encoder_top_blocks, pretrained_top)
+            if c.encoder_top_blocks
+            else None
+        )
+        grid_dim = get_spec(c.encoder_top).channels if self.encoder_top else c.feature_dim
         # LayerNorm first: raw grids are unnormalised (channel scales differ by ~100x), which
         # would saturate tanh and attention from the first step
         self.feat_proj = nn.Sequential(
-            nn.LayerNorm(c.feature_dim), nn.Linear(c.feature_dim, c.context_dim), nn.ReLU()
+            nn.LayerNorm(grid_dim), nn.Linear(grid_dim, c.context_dim), nn.ReLU()
         )
         self.attention = AdditiveAttention(c.context_dim, c.attention_dim)
         self.embedding = nn.Embedding(c.vocab_size, c.embed_dim, padding_idx=0)
@@ -81,7 +91,10 @@ class ShowAttendTellDecoder(nn.Module):
     # ---- pieces shared by forward() and step() -------------------------------------------
     def prepare(self, features: torch.Tensor) -> tuple[Memory, State]:
         """(B, P, C) encoder grid -> attention memory and the initial recurrent state."""
-        feats = self.dropout(self.feat_proj(features.float()))  # (B, P, D)
+        features = features.float()
+        if self.encoder_top is not None:
+            features = self.encoder_top(features)  # trunk (B, P, C_trunk) -> (B, P, C)
+        feats = self.dropout(self.feat_proj(features))  # (B, P, D)
         keys = self.attention.keys(feats)  # (B, P, A)
         mean = feats.mean(dim=1)  # (B, D)
         h = torch.tanh(self.init_h(mean))  # (B, H)

@@ -81,6 +81,14 @@ class TrainConfig(_Settings):
     augment_strength: str = _f(
         "medium", "augmentation strength: light, medium or strong", choices=AUGMENT_STRENGTHS
     )
+    tune_encoder_blocks: int = _f(
+        0,
+        "fine-tune the encoder's last N blocks and head conv with the decoder (0 = frozen "
+        "encoder); features are then cached below those blocks",
+        ge=0,
+        le=8,
+    )
+    encoder_lr: float = _f(1e-4, "peak learning rate of the fine-tuned encoder blocks", gt=0)
     # model
     cell: str = _f(
         "gru", "recurrent cell: gru (original project) or lstm (Show-Attend-Tell)", choices=CELLS
@@ -158,6 +166,9 @@ class ScstConfig(_Settings):
     )
     max_length: int = _f(20, "longest sampled caption", ge=1, le=100)
     lr: float = _f(5e-5, "learning rate (Adam)", gt=0)
+    encoder_lr: float = _f(
+        5e-6, "learning rate of the encoder blocks the init model fine-tunes (if any)", gt=0
+    )
     min_lr: float | None = _f(
         None, "cosine decay from --lr to this over the run (default: --lr throughout)", ge=0
     )

@@ -12,7 +12,7 @@ import torch
 from captioner.data.prepare import PreparedData, PrepareSettings, prepare
 from captioner.devices import autocast, grad_scaler, resolve_device, resolve_precision
 from captioner.errors import ConfigError, DataError
-from captioner.features.encoders import get_spec
+from captioner.features.encoders import get_spec, trunk_name
 from captioner.features.pipeline import ensure_features
 from captioner.io import atomic_write_json, read_json
 from captioner.model.config import DecoderConfig
@@ -33,7 +33,7 @@ from captioner.training.run_identity import (
     record_vocabulary,
     saved_epochs,
 )
-from captioner.training.schedule import get_lr, warmup_steps
+from captioner.training.schedule import get_lr, param_groups, set_lr, warmup_steps
 
 
 def train_step(
@@ -169,6 +169,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, restart: bool, log) -> Path:
         val_images=cfg.val_images,
         device=ctx.device,
     )
+    # a fine-tuned top: the caches hold the trunk's grids, the top runs in the decoder
+    feature_encoder = trunk_name(cfg.encoder, cfg.tune_encoder_blocks)
+    spec = get_spec(feature_encoder)  # refuses a split the encoder cannot make, before any work
     previous_epochs = None  # --epochs of the run being resumed (main rank)
     if ctx.is_main:
         prepare_settings = PrepareSettings(
@@ -177,7 +180,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, restart: bool, log) -> Path:
             max_images=cfg.max_images or None,
         )
         prepared = prepare_data(cfg.work_dir, cfg.data_dir, prepare_settings, log)
-        features = load_training_features(prepared, cfg.encoder, **feature_settings)
+        features = load_training_features(prepared, feature_encoder, **feature_settings)
         check_vocabulary(run_dir, prepared.vocab, cfg.work_dir, restart)
         previous_epochs = saved_epochs(run_dir / "train_config.json")
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -186,9 +189,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, restart: bool, log) -> Path:
     ctx.barrier()
     if not ctx.is_main:
         prepared = PreparedData.load(cfg.work_dir)
-        features = load_training_features(prepared, cfg.encoder, **feature_settings, progress=False)
+        features = load_training_features(
+            prepared, feature_encoder, **feature_settings, progress=False
+        )
     vocab, captions, splits = prepared.vocab, prepared.captions, prepared.splits
-    spec = get_spec(cfg.encoder)
     samples = build_samples(splits.train, captions, vocab, cfg.max_caption_length)
     captions_per_image = max(1, round(len(samples.lengths) / max(1, samples.num_images)))
     images_per_batch = max(1, cfg.batch_size // captions_per_image)
@@ -199,6 +203,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, restart: bool, log) -> Path:
         vocab_size=len(vocab),
         feature_dim=spec.channels,
         num_pixels=spec.num_pixels,
+        encoder_top=cfg.encoder if cfg.tune_encoder_blocks else "",
+        encoder_top_blocks=cfg.tune_encoder_blocks,
         cell=cfg.cell,
         embed_dim=cfg.embed_dim,
         hidden_dim=cfg.hidden_dim,
@@ -209,12 +215,14 @@ def _train(cfg: TrainConfig, ctx: DistContext, restart: bool, log) -> Path:
     device = ctx.device
     amp_dtype = resolve_precision(cfg.precision, device)
     scaler = grad_scaler(device, amp_dtype)
-    decoder = ShowAttendTellDecoder(dcfg).to(device)
+    decoder = ShowAttendTellDecoder(dcfg, pretrained_top=True).to(device)
     model = decoder
     if ctx.enabled:
         ids = [device.index or 0] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(decoder, device_ids=ids)
-    optimizer = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        param_groups(decoder, cfg.encoder_lr / cfg.lr), lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
     batches_per_epoch = len(
         image_batches(samples.num_images, images_per_batch, cfg.seed, 0, ctx.rank, ctx.world_size)
     )
@@ -305,8 +313,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, restart: bool, log) -> Path:
             for b, grids in loader:
                 images = batches[b]  # (I,)
                 feats = grids.to(device, non_blocking=True).float()  # (I, P, C)
-                for group in optimizer.param_groups:
-                    group["lr"] = get_lr(state["step"], total_steps, cfg)
+                set_lr(optimizer, get_lr(state["step"], total_steps, cfg))
                 ce, idx = train_step(
                     model, optimizer, feats, samples, images, cfg, amp_dtype, scaler
                 )

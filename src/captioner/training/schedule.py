@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 WARMUP_SHARE = 0.2  # warm-up takes at most this share of the run's steps
 
 
@@ -34,3 +36,20 @@ def get_lr(step: int, total_steps: int, cfg) -> float:
         return cfg.lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total_steps - warmup)
     return cosine_decay(cfg.lr, cfg.min_lr, progress)
+
+
+def param_groups(decoder: torch.nn.Module, top_lr_scale: float) -> list[dict]:
+    """Optimizer groups: the decoder at the scheduled lr, and a fine-tuned encoder top (if the
+    decoder has one) at ``top_lr_scale`` times it, on the same curve (see ``set_lr``)."""
+    top = getattr(decoder, "encoder_top", None)
+    top_ids = {id(p) for p in top.parameters()} if top is not None else set()
+    rest = [p for p in decoder.parameters() if id(p) not in top_ids]
+    groups = [{"params": rest, "lr_scale": 1.0}]
+    if top is not None:
+        groups.append({"params": list(top.parameters()), "lr_scale": top_lr_scale})
+    return groups
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -37,7 +37,7 @@ from captioner.training.epochs import EpochLines, EpochRecorder, new_progress
 from captioner.training.guards import check_finite_loss
 from captioner.training.loop import load_training_features, prepare_data, save_settings
 from captioner.training.run_identity import note_extension, saved_epochs
-from captioner.training.schedule import cosine_decay
+from captioner.training.schedule import cosine_decay, param_groups, set_lr
 
 
 @dataclass
@@ -220,7 +220,7 @@ def train_scst(cfg: ScstConfig, restart: bool = False, log=print) -> Path:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     generator = torch.Generator(device=device)
-    optimizer = torch.optim.Adam(decoder.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.Adam(param_groups(decoder, cfg.encoder_lr / cfg.lr), lr=cfg.lr)
     batches_per_epoch = len(image_batches(samples.num_images, cfg.images_per_batch, cfg.seed, 0))
     total_steps = cfg.epochs * batches_per_epoch
     state = new_progress()
@@ -276,8 +276,7 @@ def train_scst(cfg: ScstConfig, restart: bool = False, log=print) -> Path:
                 feats = grids.to(device, non_blocking=True).float()  # (I, P, C)
                 # samples depend on (seed, step) alone, so a resumed run draws what it would have
                 generator.manual_seed(cfg.seed * 1_000_003 + state["step"])
-                for group in optimizer.param_groups:
-                    group["lr"] = scst_lr(state["step"], total_steps, cfg)
+                set_lr(optimizer, scst_lr(state["step"], total_steps, cfg))
                 mean_reward, length = scst_step(
                     decoder,
                     optimizer,
