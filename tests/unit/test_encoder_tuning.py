@@ -158,3 +158,24 @@ def test_tuned_model_trains_saves_loads_averages_and_self_criticises(tmp_path):
     before = CaptioningModel.from_pretrained(averaged).decoder.encoder_top.state_dict()
     changed = after.decoder.encoder_top.state_dict()
     assert any(not torch.equal(changed[k], before[k]) for k in moved)
+
+
+def test_a_model_refuses_a_top_that_does_not_fit_its_trunk():
+    from captioner.data.vocab import Vocabulary
+    from captioner.model.captioning_model import CaptioningModel
+
+    vocab = Vocabulary.build(["a red square"], num_words=None)
+    config = DecoderConfig(
+        vocab_size=len(vocab),
+        feature_dim=192,
+        encoder_top="efficientnet-lite0",
+        encoder_top_blocks=2,
+        embed_dim=8,
+        hidden_dim=8,
+        attention_dim=8,
+        context_dim=8,
+    )
+    decoder = ShowAttendTellDecoder(config)
+    with pytest.raises(ConfigError, match="last 2 blocks of efficientnet-lite0.*trunk4"):
+        CaptioningModel(decoder, vocab, get_spec("efficientnet-lite0-trunk4"))
+    CaptioningModel(decoder, vocab, get_spec("efficientnet-lite0-trunk2"))  # fits

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from captioner.data.vocab import Vocabulary
 from captioner.errors import CheckpointError, ConfigError, VocabularyError
-from captioner.features.encoders import EncoderSpec, get_spec
+from captioner.features.encoders import EncoderSpec, get_spec, split_trunk_name
 from captioner.io import atomic_path, atomic_write_json, read_json
 from captioner.model.config import DecoderConfig, GenerationConfig
 from captioner.model.decoder import ShowAttendTellDecoder
@@ -58,6 +58,8 @@ class CaptioningModel:
                 f"decoder feature_dim {decoder.config.feature_dim} != {encoder.name} channels "
                 f"{encoder.channels}"
             )
+        for each in [decoder, *(members or [])]:
+            _check_top_fits(each.config, encoder)
         self.decoder = decoder
         self.vocab = vocab
         self.encoder = encoder
@@ -243,3 +245,14 @@ def _load_decoder(
     decoder.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     decoder.to(device).eval()
     return decoder
+
+
+def _check_top_fits(config: DecoderConfig, encoder: EncoderSpec) -> None:
+    """A decoder that runs the encoder's last N blocks must read the grid below exactly those
+    (shapes alone would not tell trunk2 from trunk4: both give 7x7x192 in lite0)."""
+    base, blocks = split_trunk_name(encoder.name)
+    if (config.encoder_top or base, config.encoder_top_blocks) != (base, blocks):
+        raise ConfigError(
+            f"the decoder runs the last {config.encoder_top_blocks} blocks of "
+            f"{config.encoder_top or 'no encoder'}, but its features come from {encoder.name}"
+        )
