@@ -19,10 +19,10 @@ from captioner.decoding.sentences import sentences_first
 from captioner.devices import resolve_device
 from captioner.errors import CheckpointError, ConfigError
 from captioner.evaluation.grammar import complete_sentence_check
-from captioner.features.encoders import preprocess
+from captioner.features.encoders import preprocess, split_trunk_name
 from captioner.features.onnx import FeatureExtractor
 from captioner.features.quantize import DEFAULT_PRECISION, check_precision, decoder_precision
-from captioner.grounding.domain import pooled
+from captioner.grounding.domain import pooled, unit_rows
 from captioner.grounding.grounder import Grounder, word_groups
 from captioner.grounding.second_look import SecondLook
 from captioner.model.captioning_model import CaptioningModel
@@ -168,15 +168,27 @@ class Captioner:
         grid, logits = self.extractor.with_concepts(batch)
         return torch.from_numpy(grid), logits
 
-    def concept_logits(self, features: torch.Tensor) -> np.ndarray:
-        """Grids (B, P, C) -> ImageNet logits (B, 1000) by the encoder's own head (the same
-        numbers the encoder pass gives, for grids read from a feature cache)."""
+    def _head(self):
         if self._concept_head is None:
             from captioner.features.encoders import concept_head
 
             self._concept_head = concept_head(self.spec.name)
+        return self._concept_head
+
+    def concept_logits(self, features: torch.Tensor) -> np.ndarray:
+        """Grids (B, P, C) -> ImageNet logits (B, 1000) by the encoder's own head (the same
+        numbers the encoder pass gives, for grids read from a feature cache)."""
         with torch.inference_mode():
-            return self._concept_head(features.detach().float().cpu()).numpy()  # (B, 1000)
+            return self._head()(features.detach().float().cpu()).numpy()  # (B, 1000)
+
+    def _grounding_features(self, features: torch.Tensor) -> np.ndarray:
+        """Grids (B, P, C) -> unit-length pooled features (B, C_full) for the domain scorer and
+        the word model: the grid's mean, or for a trunk (a fine-tuned top) the mean of the
+        frozen network's grid, which is what the grounding was fitted on."""
+        if split_trunk_name(self.spec.name)[1] == 0:
+            return pooled(features.detach().float().cpu().numpy())
+        with torch.inference_mode():
+            return unit_rows(self._head().pooled(features.detach().cpu()).numpy())
 
     def generation_settings(self, **overrides) -> dict:
         """The model's decoding defaults (generation_config.json) with every override that is
@@ -435,7 +447,7 @@ class Captioner:
         if self.grounder is None:
             return None, None
         grid = features.detach().float().cpu().numpy()  # (B, P, C) grounding is numpy
-        pooled_features = pooled(grid)  # (B, C) for the domain scorer and the word detector
+        pooled_features = self._grounding_features(features)  # (B, C) domain scorer, word model
         described, scores = self.grounder.describe(grid, logits, pooled_features)
         if not enabled or strength == 0:
             return described, None

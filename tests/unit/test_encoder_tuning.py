@@ -37,8 +37,10 @@ def test_trunk_then_pretrained_top_is_the_whole_encoder():
         # the grounding reads the frozen network's concepts from either grid
         logits = whole.concept_logits(grid)
         torch.testing.assert_close(trunk.concept_logits(trunk_grid), logits, atol=1e-4, rtol=0)
-        cached = concept_head("efficientnet-lite0-trunk4")(trunk_grid)
-        torch.testing.assert_close(cached, logits, atol=1e-4, rtol=0)
+        head = concept_head("efficientnet-lite0-trunk4")
+        torch.testing.assert_close(head(trunk_grid), logits, atol=1e-4, rtol=0)
+        # ... and its domain scorer and word model the frozen network's pooled grid
+        torch.testing.assert_close(head.pooled(trunk_grid), grid.mean(dim=1), atol=1e-4, rtol=0)
 
 
 def test_trunk_names_and_the_splits_an_encoder_allows():
@@ -131,15 +133,18 @@ def test_tuned_model_trains_saves_loads_averages_and_self_criticises(tmp_path):
     plain = Captioner.from_pretrained(averaged, backend="torch").caption(photos, beam_size=2)
     assert [r.caption for r in onnx] == [r.caption for r in plain]
     # what the grounding reads is the frozen network's: the same concepts as the whole encoder
+    from captioner.data.images import load_image
     from captioner.features.encoders import preprocess
     from captioner.features.onnx import FeatureExtractor
+    from captioner.grounding.domain import pooled
 
-    _, logits = Captioner.from_pretrained(averaged).encode_with_concepts(photos)
-    from captioner.data.images import load_image
-
+    captioner = Captioner.from_pretrained(averaged)
+    trunk_grid, logits = captioner.encode_with_concepts(photos)
     batch = preprocess([load_image(p) for p in photos], get_spec("efficientnet-lite0"))
-    _, whole = FeatureExtractor("efficientnet-lite0").with_concepts(batch)
+    whole_grid, whole = FeatureExtractor("efficientnet-lite0").with_concepts(batch)
     np.testing.assert_allclose(logits, whole, atol=1e-3)
+    grounding_features = captioner._grounding_features(trunk_grid)
+    np.testing.assert_allclose(grounding_features, pooled(whole_grid), atol=1e-4)
 
     scst = ScstConfig(
         init_model=str(averaged),

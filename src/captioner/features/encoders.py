@@ -236,16 +236,23 @@ def build_encoder(name: str) -> nn.Module:
 
 class ConceptHead(nn.Module):
     """Cached grids (B, P, C) -> ImageNet logits (B, 1000) without running the backbone again:
-    the classifier alone, or for a trunk the frozen top blocks and the classifier."""
+    the classifier alone, or for a trunk the frozen top blocks and the classifier. ``pooled``
+    is what the grounding's domain scorer and word model read: the mean of the whole frozen
+    network's grid, the same for a trunk as for the whole encoder."""
 
     def __init__(self, encoder: EfficientNetLiteGrid):
         super().__init__()
         self.top, self.head = encoder.top, encoder.head
 
-    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+    def pooled(self, grid: torch.Tensor) -> torch.Tensor:
+        """(B, P, C) -> (B, C_full) mean of the frozen network's grid."""
+        grid = grid.float()
         if self.top is not None:
-            grid = self.top(grid.float())  # (B, P, 1280)
-        return self.head(grid.float().mean(dim=1))  # (B, 1000)
+            grid = self.top(grid)  # (B, P, 1280)
+        return grid.mean(dim=1)
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pooled(grid))  # (B, 1000)
 
 
 def concept_head(name: str) -> ConceptHead:

@@ -48,9 +48,9 @@ def split_inputs(prepared: PreparedData, encoder: str) -> dict[str, SplitInputs]
     means, logit_chunks = [], []
     with torch.inference_mode():
         for i in range(0, len(names), 512):
-            chunk = grids[i : i + 512].float()  # (b, P, C)
-            means.append(chunk.mean(dim=1))  # (b, C)
-            logit_chunks.append(head(chunk))  # (b, 1000)
+            mean = head.pooled(grids[i : i + 512])  # (b, C): the frozen network's, for a trunk
+            means.append(mean)
+            logit_chunks.append(head.head(mean))  # (b, 1000)
         mean = torch.cat(means)  # (N, C)
         logits = torch.cat(logit_chunks).numpy()  # (N, 1000)
     unit = unit_rows(mean.numpy())  # (N, C), as domain.pooled() gives for one grid
