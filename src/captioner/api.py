@@ -158,15 +158,19 @@ class Captioner:
 
     def encode_with_concepts(self, images: Sequence[ImageInput]) -> tuple[torch.Tensor, np.ndarray]:
         """Images -> (grids (B, P, C) float32, ImageNet logits (B, 1000)), one encoder pass."""
-        return self._encode_arrays([load_image(img) for img in images], concepts=True)
+        return self._encode_arrays([load_image(img) for img in images], concepts=True)[:2]
 
     def _encode_arrays(self, arrays: list[np.ndarray], concepts: bool):
-        """RGB arrays -> (grids (B, P, C) tensor, ImageNet logits (B, 1000) or None)."""
+        """RGB arrays -> (grids (B, P, C) tensor, ImageNet logits (B, 1000) or None, and for a
+        trunk the grounding's pooled features (B, C_full) from the same pass, else None)."""
         batch = preprocess(arrays, self.spec)
         if not concepts:
-            return torch.from_numpy(self.extractor(batch)), None
+            return torch.from_numpy(self.extractor(batch)), None, None
+        if split_trunk_name(self.spec.name)[1]:
+            grid, logits, mean = self.extractor.with_grounding(batch)
+            return torch.from_numpy(grid), logits, unit_rows(mean)
         grid, logits = self.extractor.with_concepts(batch)
-        return torch.from_numpy(grid), logits
+        return torch.from_numpy(grid), logits, None
 
     def _head(self):
         if self._concept_head is None:
@@ -268,8 +272,10 @@ class Captioner:
         detector's input size (``detector_images``): the keyword arguments of
         ``caption_features`` that come from the images."""
         arrays = [load_image(img) for img in images]
-        features, logits = self._encode_arrays(arrays, concepts=self.grounder is not None)
+        features, logits, pooled_features = self._encode_arrays(arrays, self.grounder is not None)
         encoded = {"features": features, "concept_logits": logits}
+        if pooled_features is not None:
+            encoded["grounding_features"] = pooled_features
         if self.grounder is not None:
             encoded["detector_images"] = self.second_look.thumbnails(arrays)
         return encoded
@@ -311,6 +317,7 @@ class Captioner:
         grounding: bool = True,
         grounding_strength: float | None = None,
         concept_logits: np.ndarray | None = None,
+        grounding_features: np.ndarray | None = None,
         detector_images: np.ndarray | None = None,
         detections: np.ndarray | Callable[[], np.ndarray] | None = None,
         prefer_sentences: bool | None = None,
@@ -318,7 +325,9 @@ class Captioner:
         """Decode precomputed encoder grids (B, P, C), e.g. from the feature cache.
 
         ``concept_logits`` (B, 1000): the encoder head's logits when the caller has them
-        (otherwise the head is run on the grids). ``detector_images`` (B, S, S, 3) uint8: the
+        (otherwise the head is run on the grids); ``grounding_features`` likewise, the unit-length
+        pooled features the grounding reads (``encode_for_caption`` gives them for a model with
+        a fine-tuned encoder top). ``detector_images`` (B, S, S, 3) uint8: the
         photos at the detector's input size (``encode_for_caption``); without them (grids from
         a cache) the detector's gate and the short descriptions are skipped. ``detections``
         (B, L): the detector's probabilities when already computed (or a callable that waits
@@ -353,7 +362,9 @@ class Captioner:
             return []
         if self.grounder is not None and concept_logits is None:
             concept_logits = self.concept_logits(features)  # (B, 1000) grids from a cache
-        described, word_bias = self._ground(features, concept_logits, grounding, grounding_strength)
+        described, word_bias = self._ground(
+            features, concept_logits, grounding, grounding_strength, grounding_features
+        )
         features = features.to(self.device)  # (B, P, C); a no-op on the CPU
         if word_bias is not None:
             word_bias = word_bias.to(features.device)  # (B, V) grounding computes it on the CPU
@@ -441,13 +452,15 @@ class Captioner:
         logits: np.ndarray | None,
         enabled: bool,
         strength: float | None,
+        pooled_features: np.ndarray | None = None,
     ):
         """(per-image ImageGrounding list, (B, V) word bias or None) for a batch of grids and
         their concept logits (None only for a model without grounding)."""
         if self.grounder is None:
             return None, None
         grid = features.detach().float().cpu().numpy()  # (B, P, C) grounding is numpy
-        pooled_features = self._grounding_features(features)  # (B, C) domain scorer, word model
+        if pooled_features is None:  # (B, C) for the domain scorer and the word model
+            pooled_features = self._grounding_features(features)
         described, scores = self.grounder.describe(grid, logits, pooled_features)
         if not enabled or strength == 0:
             return described, None

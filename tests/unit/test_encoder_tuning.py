@@ -143,8 +143,15 @@ def test_tuned_model_trains_saves_loads_averages_and_self_criticises(tmp_path):
     batch = preprocess([load_image(p) for p in photos], get_spec("efficientnet-lite0"))
     whole_grid, whole = FeatureExtractor("efficientnet-lite0").with_concepts(batch)
     np.testing.assert_allclose(logits, whole, atol=1e-3)
-    grounding_features = captioner._grounding_features(trunk_grid)
-    np.testing.assert_allclose(grounding_features, pooled(whole_grid), atol=1e-4)
+    from_cache = captioner._grounding_features(trunk_grid)  # the frozen top run in torch
+    np.testing.assert_allclose(from_cache, pooled(whole_grid), atol=1e-4)
+    # what a grounded model's encode_for_caption passes on: the encoder graph's own output
+    _, _, from_graph = captioner._encode_arrays([load_image(p) for p in photos], concepts=True)
+    np.testing.assert_allclose(from_graph, pooled(whole_grid), atol=1e-4)
+    for backend in ("onnx", "torch"):
+        extractor = FeatureExtractor(captioner.spec.name, backend)
+        _, _, mean = extractor.with_grounding(batch)
+        np.testing.assert_allclose(mean, whole_grid.mean(axis=1), atol=1e-4)
 
     scst = ScstConfig(
         init_model=str(averaged),

@@ -109,15 +109,20 @@ class EncoderTop(nn.Module):
 
 
 class GridAndConcepts(nn.Module):
-    """(B,3,S,S) -> (grid (B, P, C), ImageNet logits (B, 1000)): the exported encoder graph."""
+    """(B,3,S,S) -> (grid (B, P, C), ImageNet logits (B, 1000)): the exported encoder graph.
+    A trunk's graph also returns ``pooled`` (B, 1280), the mean of the frozen network's grid
+    that the grounding reads (for a whole encoder that is just the grid's mean)."""
 
     def __init__(self, encoder: EfficientNetLiteGrid):
         super().__init__()
         self.encoder = encoder
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         grid = self.encoder(images)  # (B, P, C)
-        return grid, self.encoder.concept_logits(grid)
+        if self.encoder.top is None:
+            return grid, self.encoder.concept_logits(grid)
+        pooled = ConceptHead(self.encoder).pooled(grid)  # (B, 1280)
+        return grid, self.encoder.head(pooled), pooled
 
 
 def _architecture(spec: EncoderSpec) -> str:

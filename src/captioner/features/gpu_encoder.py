@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from captioner.features.encoders import EncoderSpec, build_encoder, get_spec
+from captioner.features.encoders import EncoderSpec, GridAndConcepts, build_encoder, get_spec
 
 
 class DeviceExtractor:
@@ -33,3 +33,9 @@ class DeviceExtractor:
             grid = self._torch(torch.from_numpy(batch).to(self.device))  # (B, P, C)
             logits = self._torch.concept_logits(grid)  # (B, 1000)
             return grid.float().cpu().numpy(), logits.float().cpu().numpy()
+
+    def with_grounding(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        with torch.inference_mode():
+            out = GridAndConcepts(self._torch)(torch.from_numpy(batch).to(self.device))
+        grid, logits = (t.float().cpu().numpy() for t in out[:2])
+        return grid, logits, (out[2].float().cpu().numpy() if len(out) == 3 else grid.mean(axis=1))

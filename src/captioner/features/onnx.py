@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from captioner.errors import ConfigError
-from captioner.features.encoders import EncoderSpec, build_encoder, get_spec
+from captioner.features.encoders import EncoderSpec, GridAndConcepts, build_encoder, get_spec
 from captioner.features.onnx_export import (  # noqa: F401 - re-exported for older imports
     _quiet_export,
     cache_root,
@@ -86,6 +86,22 @@ class FeatureExtractor:
         with torch.inference_mode():
             grid = self._torch(torch.from_numpy(batch))  # (B, P, C)
             return grid.numpy(), self._torch.concept_logits(grid).numpy()
+
+    def with_grounding(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``with_concepts`` plus the pooled features the grounding reads, (B, C_full): the
+        grid's mean, or for a trunk the frozen network's (one pass: the graph has them)."""
+        if self._session is not None:
+            if "pooled" in {out.name for out in self._session.get_outputs()}:
+                grid, logits, mean = self._session.run(
+                    ["features", "concepts", "pooled"], {"images": batch}
+                )
+                return grid, logits, mean
+            grid, logits = self.with_concepts(batch)
+            return grid, logits, grid.mean(axis=1)
+        with torch.inference_mode():
+            out = GridAndConcepts(self._torch)(torch.from_numpy(batch))
+        grid, logits = out[0].numpy(), out[1].numpy()
+        return grid, logits, (out[2].numpy() if len(out) == 3 else grid.mean(axis=1))
 
 
 def repaired_session(name: str, path: Path, threads: int | None):

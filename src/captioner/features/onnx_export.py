@@ -36,7 +36,7 @@ def export_encoder(name: str, path: Path | None = None) -> Path:
 
     Two outputs from one pass: ``features`` (B, P, C), the grid the decoder attends over, and
     ``concepts`` (B, 1000), the ImageNet classifier's logits (the "-concepts" in the file name
-    keeps exports from before that output apart)."""
+    keeps exports from before that output apart); a trunk's also ``pooled`` (GridAndConcepts)."""
     spec = get_spec(name)
     if path is None:
         path = (
@@ -47,6 +47,7 @@ def export_encoder(name: str, path: Path | None = None) -> Path:
     if path.is_file():
         return path
     model = GridAndConcepts(build_encoder(name)).eval()
+    outputs = ["features", "concepts"] + (["pooled"] if model.encoder.top is not None else [])
     example = (torch.zeros(1, 3, spec.image_size, spec.image_size),)
     with atomic_path(path) as tmp:
         _quiet_export(
@@ -54,12 +55,8 @@ def export_encoder(name: str, path: Path | None = None) -> Path:
             example,
             tmp,
             input_names=["images"],
-            output_names=["features", "concepts"],
-            dynamic_axes={
-                "images": {0: "batch"},
-                "features": {0: "batch"},
-                "concepts": {0: "batch"},
-            },
+            output_names=outputs,
+            dynamic_axes={"images": {0: "batch"}, **{out: {0: "batch"} for out in outputs}},
         )
     return path
 
