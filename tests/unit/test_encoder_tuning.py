@@ -53,8 +53,9 @@ def test_trunk_names_and_the_splits_an_encoder_allows():
     assert get_spec("efficientnet-lite0-trunk4").num_pixels == 49  # the grid stays 7x7
     with pytest.raises(ConfigError, match="at most its last 4 blocks"):
         get_spec("efficientnet-lite0-trunk5")  # block 11 halves the grid
-    with pytest.raises(ConfigError, match="unknown encoder"):
-        get_spec("resnet-trunk2")
+    for name in ("resnet-trunk2", "efficientnet-lite0-trunk0"):
+        with pytest.raises(ConfigError, match="unknown encoder"):
+            get_spec(name)
 
 
 def test_tuned_top_learns_but_keeps_imagenet_batch_statistics():

@@ -184,7 +184,7 @@ def trunk_name(encoder: str, tuned_blocks: int) -> str:
 def split_trunk_name(name: str) -> tuple[str, int]:
     """ "efficientnet-lite0-trunk4" -> ("efficientnet-lite0", 4); any other name -> (name, 0)."""
     match = _TRUNK.match(name)
-    if match is None or match["base"] not in ENCODERS:
+    if match is None or match["base"] not in ENCODERS or int(match["blocks"]) == 0:
         return name, 0
     return match["base"], int(match["blocks"])
 
