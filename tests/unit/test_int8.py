@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from captioner.cli.main import app
 from captioner.errors import ConfigError, DataError
 from captioner.features import quantize
-from captioner.features.onnx import FeatureExtractor, export_encoder
+from captioner.features.onnx import FeatureExtractor, export_encoder, ort_session
 from captioner.features.quantize import (
     calibration_from_dir,
     calibration_from_prepared,
@@ -407,3 +407,15 @@ def test_decoder_precision_follows_the_encoder(int8_file, tiny_model_dir, monkey
     enc, dec, stepper = made("fp32")  # fp32 unchanged: the fp32 export's own directory
     assert (enc, dec) == ("fp32", "fp32") and "int8" not in stepper.onnx_dir.name
     assert made("auto", backend="torch")[:2] == ("fp32", "fp32")
+
+
+def test_a_trunk_encoder_quantises_with_its_pooled_output(calibration_dir, shapes_prepared):
+    """The encoder of a fine-tuned-top model (a trunk) has a third output, ``pooled``; int8
+    keeps it and the agreement check reads the first two by name."""
+    trunk = "efficientnet-lite0-trunk4"
+    made = quantize_encoder(trunk, calibration_from_dir(calibration_dir), make_default=False)
+    held_out = [shapes_prepared.images_dir / n for n in shapes_prepared.splits.test[:8]]
+    check = quantize.agreement(trunk, made, held_out)
+    assert check["correlation"] > 0.9, check
+    outputs = [o.name for o in ort_session(made).get_outputs()]
+    assert outputs == ["features", "concepts", "pooled"]

@@ -315,8 +315,9 @@ def agreement(encoder: str, int8_file: Path, images: Sequence[Path | bytes]) -> 
 
     spec = get_spec(encoder)
     batch = preprocess([load_image(i) for i in images], spec)  # (B, 3, S, S)
-    grid32, logits32 = ort_session(export_encoder(encoder)).run(None, {"images": batch})
-    grid8, logits8 = ort_session(int8_file).run(None, {"images": batch})
+    outputs = ["features", "concepts"]  # a trunk's graph has "pooled" too
+    grid32, logits32 = ort_session(export_encoder(encoder)).run(outputs, {"images": batch})
+    grid8, logits8 = ort_session(int8_file).run(outputs, {"images": batch})
     a, b = grid32.ravel().astype(np.float64), grid8.ravel().astype(np.float64)
     return {
         "correlation": float(np.corrcoef(a, b)[0, 1]),
