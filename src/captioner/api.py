@@ -243,6 +243,7 @@ class Captioner:
             grounding=grounding,
             grounding_strength=grounding_strength,
             concept_logits=encoded["concept_logits"],
+            grounding_features=encoded.get("grounding_features"),
             detector_images=encoded.get("detector_images"),
             detections=encoded.get("detections"),
             prefer_sentences=prefer_sentences,

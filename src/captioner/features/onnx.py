@@ -6,6 +6,7 @@ is the default; the exported file is cached per encoder and library versions.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
 
@@ -96,12 +97,25 @@ class FeatureExtractor:
                     ["features", "concepts", "pooled"], {"images": batch}
                 )
                 return grid, logits, mean
-            grid, logits = self.with_concepts(batch)
-            return grid, logits, grid.mean(axis=1)
+            grid, logits = self.with_concepts(batch)  # an int8 file made before "pooled"
+            return grid, logits, _pooled_in_torch(self.spec.name, grid)
         with torch.inference_mode():
             out = GridAndConcepts(self._torch)(torch.from_numpy(batch))
         grid, logits = out[0].numpy(), out[1].numpy()
         return grid, logits, (out[2].numpy() if len(out) == 3 else grid.mean(axis=1))
+
+
+@functools.cache
+def _concept_head(name: str):
+    from captioner.features.encoders import concept_head
+
+    return concept_head(name)
+
+
+def _pooled_in_torch(name: str, grid: np.ndarray) -> np.ndarray:
+    """The grounding's pooled features from a grid, for a graph without that output."""
+    with torch.inference_mode():
+        return _concept_head(name).pooled(torch.from_numpy(grid)).numpy()
 
 
 def repaired_session(name: str, path: Path, threads: int | None):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from captioner.features.encoders import GridAndConcepts, build_encoder, get_spec
+from captioner.features.encoders import GridAndConcepts, build_encoder, get_spec, split_trunk_name
 from captioner.io import atomic_path
 
 
@@ -38,11 +38,13 @@ def export_encoder(name: str, path: Path | None = None) -> Path:
     ``concepts`` (B, 1000), the ImageNet classifier's logits (the "-concepts" in the file name
     keeps exports from before that output apart); a trunk's also ``pooled`` (GridAndConcepts)."""
     spec = get_spec(name)
+    # a trunk's graph has a third output: its own name, so an older two-output file is not reused
+    outputs = "concepts-pooled" if split_trunk_name(name)[1] else "concepts"
     if path is None:
         path = (
             cache_root()
             / "onnx"
-            / (f"{name}-{spec.image_size}-r{spec.revision}-concepts-torch{torch.__version__}.onnx")
+            / (f"{name}-{spec.image_size}-r{spec.revision}-{outputs}-torch{torch.__version__}.onnx")
         )
     if path.is_file():
         return path
