@@ -192,3 +192,20 @@ def test_a_model_refuses_a_top_that_does_not_fit_its_trunk():
     with pytest.raises(ConfigError, match="last 2 blocks of efficientnet-lite0.*trunk4"):
         CaptioningModel(decoder, vocab, get_spec("efficientnet-lite0-trunk4"))
     CaptioningModel(decoder, vocab, get_spec("efficientnet-lite0-trunk2"))  # fits
+
+
+def test_caption_hands_the_encoded_grounding_features_on(tiny_model_dir, monkeypatch):
+    """caption() must pass on what encode_for_caption gives (a trunk's pooled features), or the
+    grounding would run the frozen top again in torch for every photo."""
+    from captioner.api import Captioner
+
+    captioner = Captioner.from_pretrained(tiny_model_dir)
+    pooled = np.ones((1, 1280), np.float32)
+    encoded = {"features": torch.zeros(1, 49, 1280), "concept_logits": None}
+    monkeypatch.setattr(
+        captioner, "encode_for_caption", lambda images: {**encoded, "grounding_features": pooled}
+    )
+    seen: dict = {}
+    monkeypatch.setattr(captioner, "caption_features", lambda *a, **k: seen.update(k) or ["r"])
+    captioner.caption([np.zeros((8, 8, 3), np.uint8)])
+    assert seen["grounding_features"] is pooled
