@@ -167,7 +167,7 @@ class ScstConfig(_Settings):
     max_length: int = _f(20, "longest sampled caption", ge=1, le=100)
     lr: float = _f(5e-5, "learning rate (Adam)", gt=0)
     encoder_lr: float = _f(
-        5e-6, "learning rate of the encoder blocks the init model fine-tunes (if any)", gt=0
+        1e-5, "learning rate of the encoder blocks the init model fine-tunes (if any)", gt=0
     )
     min_lr: float | None = _f(
         None, "cosine decay from --lr to this over the run (default: --lr throughout)", ge=0
