@@ -67,6 +67,7 @@ class EfficientNetLiteGrid(nn.Module):
         self.head: nn.Linear = net._fc
         self.tuned_blocks = tuned_blocks
         self.top = EncoderTop(net, tuned_blocks) if tuned_blocks else None
+        self.concepts = ConceptHead(self.top, self.head)  # shares those layers, frozen
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.top is None:
@@ -80,7 +81,7 @@ class EfficientNetLiteGrid(nn.Module):
 
     def concept_logits(self, grid: torch.Tensor) -> torch.Tensor:
         """grid (B, P, C) -> ImageNet logits (B, 1000); eval-mode dropout is the identity."""
-        return ConceptHead(self)(grid)
+        return self.concepts(grid)
 
 
 class EncoderTop(nn.Module):
@@ -121,7 +122,7 @@ class GridAndConcepts(nn.Module):
         grid = self.encoder(images)  # (B, P, C)
         if self.encoder.top is None:
             return grid, self.encoder.concept_logits(grid)
-        pooled = ConceptHead(self.encoder).pooled(grid)  # (B, 1280)
+        pooled = self.encoder.concepts.pooled(grid)  # (B, 1280)
         return grid, self.encoder.head(pooled), pooled
 
 
@@ -245,9 +246,9 @@ class ConceptHead(nn.Module):
     is what the grounding's domain scorer and word model read: the mean of the whole frozen
     network's grid, the same for a trunk as for the whole encoder."""
 
-    def __init__(self, encoder: EfficientNetLiteGrid):
+    def __init__(self, top: EncoderTop | None, head: nn.Linear):
         super().__init__()
-        self.top, self.head = encoder.top, encoder.head
+        self.top, self.head = top, head
 
     def pooled(self, grid: torch.Tensor) -> torch.Tensor:
         """(B, P, C) -> (B, C_full) mean of the frozen network's grid."""
@@ -262,7 +263,7 @@ class ConceptHead(nn.Module):
 
 def concept_head(name: str) -> ConceptHead:
     """The encoder's ImageNet classifier on its grids, frozen (see ConceptHead)."""
-    return ConceptHead(build_encoder(name))
+    return build_encoder(name).concepts
 
 
 def preprocess(images: Sequence[np.ndarray], spec: EncoderSpec) -> np.ndarray:
