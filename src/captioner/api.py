@@ -166,11 +166,8 @@ class Captioner:
         batch = preprocess(arrays, self.spec)
         if not concepts:
             return torch.from_numpy(self.extractor(batch)), None, None
-        if split_trunk_name(self.spec.name)[1]:
-            grid, logits, mean = self.extractor.with_grounding(batch)
-            return torch.from_numpy(grid), logits, unit_rows(mean)
-        grid, logits = self.extractor.with_concepts(batch)
-        return torch.from_numpy(grid), logits, None
+        grid, logits, mean = self.extractor.with_grounding(batch)
+        return torch.from_numpy(grid), logits, (None if mean is None else unit_rows(mean))
 
     def _head(self):
         if self._concept_head is None:

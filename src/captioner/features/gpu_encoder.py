@@ -34,8 +34,8 @@ class DeviceExtractor:
             logits = self._torch.concept_logits(grid)  # (B, 1000)
             return grid.float().cpu().numpy(), logits.float().cpu().numpy()
 
-    def with_grounding(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def with_grounding(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         with torch.inference_mode():
             out = GridAndConcepts(self._torch)(torch.from_numpy(batch).to(self.device))
-        grid, logits = (t.float().cpu().numpy() for t in out[:2])
-        return grid, logits, (out[2].float().cpu().numpy() if len(out) == 3 else grid.mean(axis=1))
+        out = [t.float().cpu().numpy() for t in out]
+        return out[0], out[1], (out[2] if len(out) == 3 else None)

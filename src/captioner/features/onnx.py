@@ -6,7 +6,6 @@ is the default; the exported file is cached per encoder and library versions.
 
 from __future__ import annotations
 
-import functools
 import warnings
 from pathlib import Path
 
@@ -88,34 +87,21 @@ class FeatureExtractor:
             grid = self._torch(torch.from_numpy(batch))  # (B, P, C)
             return grid.numpy(), self._torch.concept_logits(grid).numpy()
 
-    def with_grounding(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``with_concepts`` plus the pooled features the grounding reads, (B, C_full): the
-        grid's mean, or for a trunk the frozen network's (one pass: the graph has them)."""
+    def with_grounding(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """``with_concepts`` plus, when the graph has them (a trunk's), the frozen network's
+        pooled features (B, C_full) from the same pass; None otherwise (the grid's own mean is
+        what the grounding reads, or, for a graph made before that output, the caller's
+        ``ConceptHead.pooled``)."""
         if self._session is not None:
-            if "pooled" in {out.name for out in self._session.get_outputs()}:
-                grid, logits, mean = self._session.run(
-                    ["features", "concepts", "pooled"], {"images": batch}
-                )
-                return grid, logits, mean
-            grid, logits = self.with_concepts(batch)  # an int8 file made before "pooled"
-            return grid, logits, _pooled_in_torch(self.spec.name, grid)
+            if "pooled" not in {out.name for out in self._session.get_outputs()}:
+                return (*self.with_concepts(batch), None)
+            grid, logits, mean = self._session.run(
+                ["features", "concepts", "pooled"], {"images": batch}
+            )
+            return grid, logits, mean
         with torch.inference_mode():
-            out = GridAndConcepts(self._torch)(torch.from_numpy(batch))
-        grid, logits = out[0].numpy(), out[1].numpy()
-        return grid, logits, (out[2].numpy() if len(out) == 3 else grid.mean(axis=1))
-
-
-@functools.cache
-def _concept_head(name: str):
-    from captioner.features.encoders import concept_head
-
-    return concept_head(name)
-
-
-def _pooled_in_torch(name: str, grid: np.ndarray) -> np.ndarray:
-    """The grounding's pooled features from a grid, for a graph without that output."""
-    with torch.inference_mode():
-        return _concept_head(name).pooled(torch.from_numpy(grid)).numpy()
+            out = [t.numpy() for t in GridAndConcepts(self._torch)(torch.from_numpy(batch))]
+        return out[0], out[1], (out[2] if len(out) == 3 else None)
 
 
 def repaired_session(name: str, path: Path, threads: int | None):
