@@ -24,6 +24,20 @@ from captioner.model.decoder import ShowAttendTellDecoder
 from captioner.training.schedule import param_groups, set_lr
 
 
+def _small_top_config(vocab_size: int, blocks: int) -> DecoderConfig:
+    """A tiny decoder that runs lite0's last ``blocks`` blocks on a trunk's 192-channel grid."""
+    return DecoderConfig(
+        vocab_size=vocab_size,
+        feature_dim=192,
+        encoder_top="efficientnet-lite0",
+        encoder_top_blocks=blocks,
+        embed_dim=8,
+        hidden_dim=8,
+        attention_dim=8,
+        context_dim=8,
+    )
+
+
 def test_trunk_then_pretrained_top_is_the_whole_encoder():
     torch.manual_seed(0)
     images = torch.randn(2, 3, 224, 224)
@@ -60,16 +74,7 @@ def test_trunk_names_and_the_splits_an_encoder_allows():
 
 def test_tuned_top_learns_but_keeps_imagenet_batch_statistics():
     torch.manual_seed(0)
-    config = DecoderConfig(
-        vocab_size=12,
-        feature_dim=192,
-        encoder_top="efficientnet-lite0",
-        encoder_top_blocks=1,
-        embed_dim=8,
-        hidden_dim=8,
-        attention_dim=8,
-        context_dim=8,
-    )
+    config = _small_top_config(vocab_size=12, blocks=1)
     decoder = ShowAttendTellDecoder(config, pretrained_top=True).train()
     assert not decoder.encoder_top.training  # batch norm and drop-connect stay in eval mode
     stats = {k: v.clone() for k, v in decoder.encoder_top.state_dict().items() if "running" in k}
@@ -178,16 +183,7 @@ def test_a_model_refuses_a_top_that_does_not_fit_its_trunk():
     from captioner.model.captioning_model import CaptioningModel
 
     vocab = Vocabulary.build(["a red square"], num_words=None)
-    config = DecoderConfig(
-        vocab_size=len(vocab),
-        feature_dim=192,
-        encoder_top="efficientnet-lite0",
-        encoder_top_blocks=2,
-        embed_dim=8,
-        hidden_dim=8,
-        attention_dim=8,
-        context_dim=8,
-    )
+    config = _small_top_config(vocab_size=len(vocab), blocks=2)
     decoder = ShowAttendTellDecoder(config)
     with pytest.raises(ConfigError, match="last 2 blocks of efficientnet-lite0.*trunk4"):
         CaptioningModel(decoder, vocab, get_spec("efficientnet-lite0-trunk4"))
